@@ -1,0 +1,237 @@
+"""The calibration loop: batches in, per-layer LoRA-B gradient statistics out (DESIGN §3)."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import backends
+from .losses import TASKS, infer_task, model_losses
+from .probe import ProbeSession, make_probe
+from .stats import GRANULARITIES, SCORES, LayerStats
+from .targets import find_targets, layer_shape, plan_name
+
+logger = logging.getLogger("fimlora")
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient statistic became NaN/inf; nothing is allocated from it."""
+
+
+@dataclass
+class CalibrationResult:
+    """Per-layer statistics (keyed by the base model's module names) and how they were made."""
+
+    stats: dict[str, LayerStats]
+    shapes: dict[str, tuple[int, int]]  # (d_in, d_out)
+    settings: dict = field(default_factory=dict)
+
+    def scores(self, score: str | None = None) -> dict[str, float]:
+        score = score or self.settings.get("score", "variance")
+        return {name: s.score(score) for name, s in self.stats.items()}
+
+
+def segments_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[start, end) token ranges of each row's real tokens in the flattened (N*L) layout.
+
+    Padding may be on the left or the right; a row with a hole in the middle cannot be one
+    contiguous sample and is rejected.
+    """
+    mask = attention_mask.bool()
+    n, length = mask.shape
+    positions = torch.arange(length, device=mask.device).expand(n, length)
+    lengths = mask.sum(dim=1)
+    first = torch.where(mask, positions, length).min(dim=1).values
+    last = torch.where(mask, positions, -1).max(dim=1).values
+    if bool(((last - first + 1 != lengths) & (lengths > 0)).any()):
+        raise ValueError("attention_mask rows must be contiguous (left or right padding only); a row has a gap")
+    first = torch.where(lengths > 0, first, 0)
+    rows = torch.arange(n, device=mask.device) * length
+    return torch.stack([rows + first, rows + first + lengths], dim=1)
+
+
+def _with_position_ids(model: nn.Module, batch: dict) -> dict:
+    """Left-padded rows need explicit positions, or their tokens sit at shifted positions and
+    the gradients (of q/k projections under RoPE, of everything under absolute positions) change."""
+    mask = batch["attention_mask"]
+    if "position_ids" in batch or bool(mask[:, 0].all()) or not _accepts(model, "position_ids"):
+        return batch
+    return {**batch, "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0)}
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    if hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
+        return model.get_input_embeddings().weight.device
+    return next(model.parameters()).device
+
+
+def _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype) -> None:
+    if loss_fn is None and task not in TASKS:
+        raise ValueError(f"task={task!r} is not known; use one of {TASKS}, or pass loss_fn")
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not known; use one of {SCORES}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is not known; use one of {GRANULARITIES}")
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank (the calibration LoRA rank) must be a positive integer, got {rank!r}")
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
+
+
+def _take_batches(data: Iterable[Mapping], num_batches: int) -> Iterable[Mapping]:
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("the calibration data is empty: it yielded no batch")
+    if not isinstance(first, Mapping) or "input_ids" not in first:
+        raise ValueError("each calibration batch must be a dict with at least 'input_ids' (and 'attention_mask', 'labels')")
+    return itertools.islice(itertools.chain([first], iterator), num_batches)
+
+
+def calibrate(
+    model: nn.Module,
+    data: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    targets: str | Sequence[str] = "all-linear",
+    task: str | None = None,
+    loss_fn: LossFn | None = None,
+    num_batches: int = 8,
+    rank: int = 8,
+    alpha: float = 8.0,
+    use_rslora: bool = False,
+    seed: int = 0,
+    score: str = "variance",
+    granularity: str = "sample",
+    backend: str | None = None,
+    stats_dtype: torch.dtype = torch.float32,
+    train: bool = False,
+    progress: bool = True,
+) -> CalibrationResult:
+    """Measure the per-sample gradient statistics of a LoRA-B matrix on every target layer.
+
+    The model is left bit-identical (no parameter is written; hooks, ``requires_grad`` flags
+    and train/eval modes are restored on every exit path).
+
+    Args:
+        model: a transformers model (or a PEFT LoRA model, whose own lora_A and scale are used).
+        data: a DataLoader or any iterable of dict batches with ``input_ids``, ``attention_mask``
+            and (for seq-cls, optionally for causal-lm) ``labels``.
+        targets: PEFT-style module names (suffix match), a regex (full match) or "all-linear".
+        task: "causal-lm" or "seq-cls"; inferred from the model class when None.
+        loss_fn: ``(model, batch) -> losses`` of shape (N,), one per sample, instead of ``task``.
+        num_batches: how many batches to calibrate on.
+        rank, alpha, use_rslora, seed: the calibration LoRA (scale alpha/rank or alpha/sqrt(rank)).
+        score: "variance" (default) or "fisher": which statistic ``result.scores()`` reports.
+        granularity: "sample" (per-sample gradients) or "batch" (one gradient per batch).
+        backend: accumulate backend, see ``fimlora.backends``.
+        train: run in train mode (dropout on) instead of eval mode.
+    """
+    if loss_fn is None and task is None:
+        task = infer_task(model)
+    _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype)
+    layers = find_targets(model, targets)
+    chosen_backend = backends.resolve_backend(backend, _input_device(model))
+    batches = _take_batches(data, num_batches)
+
+    probes = [
+        make_probe(name, module, rank=rank, alpha=alpha, use_rslora=use_rslora, seed=seed, stats_dtype=stats_dtype)
+        for name, module in layers.items()
+    ]
+    device = _input_device(model)
+    samples = tokens = done = 0
+    started = time.perf_counter()
+    bar = _progress_bar(num_batches, progress)
+    with ProbeSession(model, probes, granularity=granularity, backend=chosen_backend, train=train) as session:
+        for index, batch in enumerate(batches):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            if "attention_mask" not in batch:
+                batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            batch = _with_position_ids(model, batch)
+            segments = segments_from_mask(batch["attention_mask"])
+            if loss_fn is not None:
+                losses, keep = loss_fn(model, batch), None
+            else:
+                losses, keep = model_losses(model, batch, task)
+            _check_losses(losses, batch, index)
+            if keep is not None:
+                segments = segments[keep]
+            session.set_batch(batch["attention_mask"], segments, keep)
+            if not losses.requires_grad:
+                raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
+            losses.sum().backward()
+            _check_stats(probes, index)
+            done += 1
+            samples += int(segments.shape[0])
+            tokens += int(batch["attention_mask"].sum())
+            bar.update(1)
+            bar.set_postfix(samples=samples, tokens=tokens)
+    bar.close()
+    if done < num_batches:
+        warnings.warn(f"the data gave only {done} batches of the {num_batches} asked for; calibrated on {done}", stacklevel=2)
+    for probe in probes:
+        if probe.state.count == 0:
+            warnings.warn(f"layer {probe.name} received no gradient during calibration; its score is 0", stacklevel=2)
+
+    settings = {
+        "task": task if loss_fn is None else "custom",
+        "score": score,
+        "granularity": granularity,
+        "num_batches": done,
+        "samples": samples,
+        "tokens": tokens,
+        "calib_rank": rank,
+        "calib_alpha": alpha,
+        "use_rslora": use_rslora,
+        "seed": seed,
+        "backend": chosen_backend,
+        "targets": targets if isinstance(targets, str) else list(targets),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return CalibrationResult(
+        stats={plan_name(p.name): p.state for p in probes},
+        shapes={plan_name(p.name): layer_shape(p.module) for p in probes},
+        settings=settings,
+    )
+
+
+def _check_losses(losses: torch.Tensor, batch: dict, index: int) -> None:
+    n = batch["input_ids"].shape[0]
+    if losses.shape != (n,):
+        raise ValueError(f"the loss must have one value per sample, shape ({n},); got {tuple(losses.shape)}")
+    bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(f"non-finite loss in batch {index} (samples {bad}); no ranks were allocated")
+
+
+def _check_stats(probes, index: int) -> None:
+    for probe in probes:
+        if not probe.state.is_finite():
+            raise NonFiniteError(
+                f"non-finite gradient statistics in layer {probe.name} after batch {index}; no ranks were allocated"
+            )
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="batch", desc="fimlora calibrate", disable=not enabled, leave=False)

@@ -1,0 +1,171 @@
+"""Hooks that measure LoRA-B gradients without adding LoRA to the model (DESIGN §3).
+
+For each target layer a forward hook computes h = A x and attaches, to that very output
+tensor, a gradient hook that receives dy and folds the per-sample B gradients into the
+layer's statistics. Because h travels in the closure of the hook on *that* output, a forward
+re-run by gradient checkpointing creates a hook on a tensor that never receives a gradient,
+so each real forward is counted exactly once.
+
+No parameter requires grad during calibration: only activation gradients flow. A layer whose
+input carries no gradient (the first target, say) gets its output tied to a scalar anchor by
+a zero-copy identity op so that the backward reaches it without touching the embeddings.
+Everything is undone on exit, exceptions included.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backends
+from .stats import LayerStats
+from .targets import is_lora_layer, layer_shape
+
+
+def draw_calibration_a(name: str, d_in: int, r: int, seed: int = 0) -> torch.Tensor:
+    """The calibration A of layer ``name``: PEFT's default LoRA-A init (kaiming_uniform_,
+    a=sqrt(5), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))), drawn from a generator seeded by the
+    seed and the layer name so that every layer's A is reproducible on its own."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    a = torch.empty(r, d_in)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a
+
+
+class _AttachToAnchor(torch.autograd.Function):
+    """Identity on ``y`` (a view, no copy) whose output requires grad through a scalar anchor."""
+
+    @staticmethod
+    def forward(ctx, y, anchor):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
+
+
+@dataclass
+class LayerProbe:
+    name: str
+    module: nn.Module
+    a: torch.Tensor  # (r, d_in), float32
+    scale: float
+    state: LayerStats
+    _a_cast: dict = field(default_factory=dict)
+
+    def a_as(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._a_cast:
+            self._a_cast[dtype] = self.a.to(dtype)
+        return self._a_cast[dtype]
+
+
+def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> LayerProbe:
+    """Calibration A and scale for one layer: its own lora_A/scaling in a PEFT model, else drawn."""
+    d_in, d_out = layer_shape(module)
+    weight_device = next(module.parameters()).device
+    if is_lora_layer(module):
+        adapter = module.active_adapters[0]
+        a = module.lora_A[adapter].weight.detach().float()
+        scale = float(module.scaling[adapter])
+    else:
+        a = draw_calibration_a(name, d_in, rank, seed).to(weight_device)
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    state = LayerStats.zeros(d_out, a.shape[0], device=weight_device, dtype=stats_dtype)
+    return LayerProbe(name, module, a, scale, state)
+
+
+class ProbeSession:
+    """Context manager: hooks in, parameters frozen, eval mode; all restored on exit.
+
+    ``set_batch`` must be called with the current batch's samples before its backward.
+    """
+
+    def __init__(self, model: nn.Module, probes: list[LayerProbe], *, granularity="sample", backend=None, train=False):
+        self.model = model
+        self.probes = probes
+        self.granularity = granularity
+        self.backend = backend
+        self.train = train
+        # positions a layer sees per batch -> the [start, end) ranges of each sample among them:
+        # N*L token positions for most layers, N rows for a layer after pooling
+        self._layouts: dict[int, torch.Tensor] = {}
+        self._handles = []
+        self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._saved_training: list[tuple[nn.Module, bool]] = []
+        self._anchor = torch.zeros((), requires_grad=True)
+
+    def __enter__(self) -> ProbeSession:
+        try:
+            self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+            self._saved_training = [(m, m.training) for m in self.model.modules()]
+            for p, _ in self._saved_requires_grad:
+                p.requires_grad_(False)
+            self.model.train(self.train)
+            for probe in self.probes:
+                self._handles.append(probe.module.register_forward_hook(self._forward_hook(probe)))
+            checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
+            if checkpointing and hasattr(self.model, "get_input_embeddings"):
+                # Reentrant checkpointing runs the first forward without grad; a checkpointed block
+                # is only re-run in backward if its input requires grad (what transformers'
+                # enable_input_require_grads does).
+                embeddings = self.model.get_input_embeddings()
+                self._handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for p, flag in self._saved_requires_grad:
+            p.requires_grad_(flag)
+        for m, flag in self._saved_training:
+            m.training = flag
+        self._layouts = {}
+
+    def set_batch(self, attention_mask: torch.Tensor, segments: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Tell the hooks which tokens form each sample of the batch about to be back-propagated."""
+        rows = torch.arange(attention_mask.shape[0], device=segments.device)
+        row_segments = torch.stack([rows, rows + 1], dim=1)
+        if keep is not None:
+            row_segments = row_segments[keep]
+        self._layouts = {attention_mask.numel(): segments, attention_mask.shape[0]: row_segments}
+
+    def _forward_hook(self, probe: LayerProbe):
+        d_out = probe.state.shape[0]
+
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                return None
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return None
+            if not output.requires_grad:
+                output = _AttachToAnchor.apply(output, self._anchor)
+            h = F.linear(x.detach(), probe.a_as(x.dtype)).reshape(-1, probe.a.shape[0])
+
+            def on_grad(dy: torch.Tensor) -> None:
+                dy = dy.reshape(-1, d_out)
+                segments = self._layouts.get(dy.shape[0])
+                if segments is None:
+                    raise RuntimeError(
+                        f"layer {probe.name} saw {dy.shape[0]} positions, which is neither the batch's "
+                        f"tokens nor its rows {tuple(self._layouts)}; fimlora needs target layers that act "
+                        "on (batch, seq, features) or (batch, features)"
+                    )
+                backends.accumulate(
+                    dy, h, segments, probe.scale, probe.state,
+                    granularity=self.granularity, backend=self.backend,
+                )
+
+            output.register_hook(on_grad)
+            return output
+
+        return hook

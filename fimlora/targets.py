@@ -1,0 +1,81 @@
+"""Which layers get calibrated: PEFT-style suffix names, a regex, or "all-linear"."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+# Heads that are trained from scratch (or are the vocabulary projection) are never LoRA targets.
+_HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+# A PEFT-wrapped model prefixes every module name with this; plans speak of the base model's names.
+_PEFT_PREFIX = "base_model.model."
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear, or any module with integer in_features/out_features and a 2-D weight."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(getattr(module, "in_features", None), int)
+        and isinstance(getattr(module, "out_features", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer (the wrapper around a base layer), without importing peft."""
+    return hasattr(module, "lora_A") and hasattr(module, "scaling") and hasattr(module, "base_layer")
+
+
+def plan_name(name: str) -> str:
+    """The module's name relative to the base model (strips PEFT's wrapper prefix)."""
+    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+
+
+def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer that could be a target, by full name in ``model``.
+
+    In a PEFT model the LoRA layers themselves are the candidates (their own A and scale are
+    used); the linears inside them (base_layer, lora_A, lora_B) are not.
+    """
+    lora_names = [name for name, module in model.named_modules() if is_lora_layer(module)]
+    if lora_names:
+        return {name: model.get_submodule(name) for name in lora_names}
+    output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, module in model.named_modules():
+        if not name or not is_linear_like(module) or module is output_head:
+            continue
+        if any(part in _HEAD_NAMES for part in name.split(".")):
+            continue
+        found[name] = module
+    return found
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") -> dict[str, nn.Module]:
+    """The target layers, in model order. Raises if nothing matches, listing what exists."""
+    if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"targets must be 'all-linear', a regex string or a non-empty list of names; got {targets!r}")
+    candidates = candidate_layers(model)
+    found = {name: module for name, module in candidates.items() if _matches(plan_name(name), targets)}
+    if not found:
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+        shown = ", ".join(suffixes) if suffixes else "(none: the model has no linear layers)"
+        raise ValueError(f"targets={targets!r} matched no linear layer; linear layers in this model end with: {shown}")
+    return found
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear-like or PEFT LoRA layer."""
+    return int(module.in_features), int(module.out_features)

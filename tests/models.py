@@ -1,0 +1,56 @@
+"""Tiny models built from configs (offline, seeded) and batches for them."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, **overrides,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=num_labels, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def random_samples(n: int, *, seed: int = 0, min_len: int = 3, max_len: int = 12, num_labels: int = 3):
+    """[(input_ids, label)] with varied lengths (ids avoid the pad id 0)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        out.append((torch.randint(1, VOCAB, (length,), generator=g), torch.randint(0, num_labels, (), generator=g)))
+    return out
+
+
+def pad_batch(samples, *, side: str = "right", causal: bool = True) -> dict[str, torch.Tensor]:
+    length = max(len(ids) for ids, _ in samples)
+    input_ids = torch.zeros(len(samples), length, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, (ids, _) in enumerate(samples):
+        cols = slice(length - len(ids), length) if side == "left" else slice(0, len(ids))
+        input_ids[i, cols] = ids
+        mask[i, cols] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if causal:
+        batch["labels"] = input_ids.masked_fill(mask == 0, -100)
+    else:
+        batch["labels"] = torch.stack([label for _, label in samples])
+    return batch
+
+
+def batches_of(samples, size: int, **kwargs) -> list[dict[str, torch.Tensor]]:
+    return [pad_batch(samples[i : i + size], **kwargs) for i in range(0, len(samples), size)]

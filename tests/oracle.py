@@ -1,0 +1,55 @@
+"""Independent float64 reference: a per-sample loop over PEFT's own LoRA layers.
+
+Each sample runs alone (no padding, batch of one) through a float64 copy of the model wrapped
+by PEFT with the same A as the calibration, B = 0; the loss is written out plainly here and
+lora_B.grad is read after each backward. Nothing from fimlora's engine is used.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+
+from fimlora import draw_calibration_a
+
+
+def per_sample_loss(model, input_ids, label, task):
+    logits = model(input_ids=input_ids[None]).logits[0]
+    if task == "causal-lm":
+        return F.cross_entropy(logits[:-1], input_ids[1:])  # mean over this sample's own tokens
+    return F.cross_entropy(logits[None], label.view(1))
+
+
+def oracle_grads(model, samples, names, *, rank, alpha, seed=0, task="causal-lm"):
+    """Per-sample B gradients {name: (N, d_out, r) float64} for ``samples`` = [(ids, label)]."""
+    reference = copy.deepcopy(model).double()
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0)
+    peft_model = get_peft_model(reference, config)
+    peft_model.eval()
+    layers = {name: peft_model.base_model.model.get_submodule(name) for name in names}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            layer.lora_A["default"].weight.copy_(draw_calibration_a(name, layer.in_features, rank, seed).double())
+    grads = {name: [] for name in names}
+    for ids, label in samples:
+        peft_model.zero_grad()
+        per_sample_loss(peft_model, ids, label, task).backward()
+        for name, layer in layers.items():
+            grads[name].append(layer.lora_B["default"].weight.grad.detach().clone())
+    return {name: torch.stack(g) for name, g in grads.items()}
+
+
+def moments(grads: torch.Tensor) -> dict[str, torch.Tensor]:
+    mean = grads.mean(dim=0)
+    variance = grads.var(dim=0, unbiased=False)
+    return {"mean": mean, "variance": variance, "fisher": grads.square().mean(dim=0)}
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (normwise, so tiny elements do not dominate)."""
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-300)
+    return float((actual.double().cpu() - expected.cpu()).abs().max() / scale)
