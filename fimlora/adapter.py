@@ -1,0 +1,146 @@
+"""From a RankPlan to a standard PEFT LoRA adapter (DESIGN §7).
+
+Keys of ``rank_pattern``/``alpha_pattern`` are anchored full module names (``^`` + escaped
+name): PEFT matches pattern keys with ``re.match(rf"(.*\\.)?({key})$", name)``, so the anchor
+pins a key to exactly that module. Every key is checked against the model before use.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._io import atomic_directory
+from .plan import RankPlan
+from .targets import is_linear_like, is_lora_layer, layer_shape
+
+logger = logging.getLogger("fimlora")
+
+
+class PlanMismatchError(ValueError):
+    """The plan does not fit the model it is applied to."""
+
+
+def pattern_key(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def layer_alpha(policy: str, base_alpha: float, base_rank: int, rank: int) -> float:
+    """The alpha of a layer of rank ``rank`` under an alpha policy.
+
+    fixed_scale keeps PEFT's scale alpha/r at base_alpha/base_rank in every layer; fixed_alpha
+    keeps alpha itself (PEFT's default: the scale then varies as 1/r); rslora keeps alpha with
+    scale alpha/sqrt(r).
+    """
+    if policy == "fixed_scale":
+        return base_alpha * rank / base_rank
+    if policy in ("fixed_alpha", "rslora"):
+        return float(base_alpha)
+    raise ValueError(f"alpha_policy={policy!r} is not known; use fixed_scale, fixed_alpha or rslora")
+
+
+def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
+    """Every planned layer exists in ``model``, is linear-like with the planned shape, and its
+    pattern key matches exactly that one module. Raises PlanMismatchError listing every problem."""
+    modules = dict(model.named_modules())
+    problems = []
+    for layer in plan.layers:
+        module = modules.get(layer.name)
+        if module is None:
+            problems.append(f"{layer.name}: no such module")
+            continue
+        if not (is_linear_like(module) or is_lora_layer(module)):
+            problems.append(f"{layer.name}: is a {type(module).__name__}, not a linear layer")
+            continue
+        if layer_shape(module) != (layer.d_in, layer.d_out):
+            problems.append(f"{layer.name}: model has (d_in, d_out) = {layer_shape(module)}, plan has {(layer.d_in, layer.d_out)}")
+        key = pattern_key(layer.name)
+        hits = [name for name in modules if re.match(rf"(.*\.)?({key})$", name)]
+        if hits != [layer.name]:
+            problems.append(f"{layer.name}: pattern {key!r} matches {hits}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise PlanMismatchError(
+            f"the rank plan does not fit this model ({len(problems)} problem(s)); was it made for another model? Calibrate this model to get a plan for it.\n  {shown}"
+        )
+
+
+def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | None = None):
+    """A ``peft.LoraConfig`` that gives every planned layer its rank and alpha.
+
+    Other settings (dropout, bias, task_type, modules_to_save, init ...) come from
+    ``base_config``. Layers of rank 0 are left out (PEFT rejects r=0). With ``model`` given, the
+    plan is checked against it first.
+    """
+    from peft import LoraConfig
+
+    if model is not None:
+        check_plan_fits(model, plan)
+    kept = [layer for layer in plan.layers if layer.rank > 0]
+    if not kept:
+        raise PlanMismatchError("every layer of the plan has rank 0: there is no adapter to build")
+    config = copy.deepcopy(base_config) if base_config is not None else LoraConfig()
+    if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
+        logger.warning("base_config's rank_pattern/alpha_pattern are replaced by the plan")
+    config.r = plan.base_rank
+    config.lora_alpha = plan.base_alpha
+    config.use_rslora = plan.alpha_policy == "rslora"
+    config.target_modules = [layer.name for layer in kept]
+    config.rank_pattern = {pattern_key(layer.name): layer.rank for layer in kept}
+    config.alpha_pattern = {pattern_key(layer.name): layer.alpha for layer in kept}
+    return config
+
+
+def apply_plan(model: nn.Module, plan: RankPlan, base_config=None):
+    """Wrap ``model`` in a PEFT LoRA adapter shaped by ``plan`` (``peft.get_peft_model``)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config_from_plan(plan, base_config, model=model))
+
+
+def export_for_serving(peft_model, directory: str | Path, *, adapter_name: str = "default", overwrite: bool = False) -> Path:
+    """Save an adapter that every runtime scales the same way.
+
+    Servers such as vLLM apply one global scale lora_alpha / r and ignore ``alpha_pattern``.
+    Here each layer's own scale is folded into its lora_B, relative to that global scale, and
+    alpha_pattern is rewritten so that PEFT also computes exactly lora_alpha / r for every layer
+    (use_rslora off). Loading the result with PEFT gives the same outputs as ``peft_model``.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(peft_model.peft_config[adapter_name])
+    global_scale = config.lora_alpha / config.r
+    state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
+    alpha_pattern = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if not is_lora_layer(module) or adapter_name not in module.lora_A:
+            continue
+        rank = module.r[adapter_name]
+        key = f"base_model.model.{name}.lora_B.weight"
+        state[key] = state[key] * (module.scaling[adapter_name] / global_scale)
+        alpha_pattern[pattern_key(name)] = config.lora_alpha * rank / config.r
+    config.use_rslora = False
+    config.alpha_pattern = alpha_pattern
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(Path(tmp) / "adapter_model.safetensors"))
+    return directory
+
+
+__all__ = [
+    "PlanMismatchError",
+    "apply_plan",
+    "check_plan_fits",
+    "export_for_serving",
+    "layer_alpha",
+    "lora_config_from_plan",
+]
+
+_ = torch  # torch tensors flow through these helpers; imported for type clarity

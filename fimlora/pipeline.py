@@ -1,0 +1,135 @@
+"""The user-level path: calibration statistics -> rank plan -> ready PEFT model."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Mapping, Sequence
+
+from torch import nn
+
+from .adapter import apply_plan, layer_alpha
+from .allocate import Budget, allocate
+from .calibrate import CalibrationResult, calibrate
+from .plan import LayerPlan, RankPlan
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("fimlora", "torch", "transformers", "peft"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def make_plan(
+    result: CalibrationResult,
+    *,
+    base_rank: int = 8,
+    base_alpha: float | None = None,
+    budget: Budget | None = None,
+    r_min: int | None = None,
+    r_max: int | None = None,
+    multiple_of: int = 1,
+    temperature: float = 1.0,
+    score: str | None = None,
+    alpha_policy: str = "fixed_scale",
+    model_name: str | None = None,
+) -> RankPlan:
+    """Split a budget across the calibrated layers in proportion to their scores.
+
+    Defaults (DESIGN §6): the budget is the parameter count of uniform rank ``base_rank`` over
+    the same layers, r_min = base_rank // 2, r_max = 2 * base_rank, alpha kept at scale
+    base_alpha / base_rank in every layer.
+    """
+    if not isinstance(base_rank, int) or base_rank < 1:
+        raise ValueError(f"base_rank must be a positive integer, got {base_rank!r}")
+    base_alpha = float(base_rank if base_alpha is None else base_alpha)
+    budget = budget or Budget.mean_rank(base_rank)
+    r_min = base_rank // 2 if r_min is None else r_min
+    r_max = 2 * base_rank if r_max is None else r_max
+    score = score or result.settings.get("score", "variance")
+    layer_alpha(alpha_policy, base_alpha, base_rank, base_rank)  # rejects an unknown policy now
+
+    names = list(result.stats)
+    shapes = [result.shapes[name] for name in names]
+    scores = result.scores(score)
+    total, costs = budget.resolve(shapes)
+    ranks = allocate(
+        [scores[name] for name in names], total, costs=costs, r_min=r_min, r_max=r_max,
+        multiple_of=multiple_of, temperature=temperature,
+    )
+    layers = [
+        LayerPlan(
+            name=name, d_in=d_in, d_out=d_out, rank=rank,
+            alpha=layer_alpha(alpha_policy, base_alpha, base_rank, rank),
+            score=scores[name], stats=result.stats[name].summary(),
+        )
+        for name, (d_in, d_out), rank in zip(names, shapes, ranks)
+    ]
+    used = sum(rank * cost for rank, cost in zip(ranks, costs))
+    calibration = {
+        **result.settings, "score": score, "r_min": r_min, "r_max": r_max,
+        "multiple_of": multiple_of, "temperature": temperature,
+    }
+    if model_name:
+        calibration["model"] = model_name
+    return RankPlan(
+        layers=layers,
+        budget={**budget.to_dict(), "total": int(total), "used": int(used)},
+        base_rank=base_rank, base_alpha=base_alpha, alpha_policy=alpha_policy,
+        calibration=calibration, versions=library_versions(),
+    )
+
+
+def _targets_of(lora_config, model: nn.Module) -> str | Sequence[str]:
+    """The layers a LoraConfig would adapt, in the calibrator's terms (PEFT semantics)."""
+    targets = lora_config.target_modules
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in defaults:
+            raise ValueError(f"lora_config.target_modules is None and PEFT has no default for {model_type!r}; set it")
+        return list(defaults[model_type])
+    if isinstance(targets, str):
+        return targets  # "all-linear" or a regex, as in PEFT
+    return sorted(targets)
+
+
+def get_peft_model(
+    model: nn.Module,
+    data: Iterable[Mapping] ,
+    lora_config=None,
+    *,
+    budget: Budget | None = None,
+    r_min: int | None = None,
+    r_max: int | None = None,
+    multiple_of: int = 1,
+    temperature: float = 1.0,
+    alpha_policy: str = "fixed_scale",
+    **calibrate_kwargs,
+):
+    """Calibrate ``model`` on ``data``, allocate ranks, and return the ready ``PeftModel``.
+
+    A drop-in for ``peft.get_peft_model(model, lora_config)`` for Trainer/TRL users: the base
+    ``lora_config`` gives the uniform rank whose parameter count is the budget, alpha, the target
+    modules and everything else (dropout, task type, ...). The plan is kept on the returned
+    model as ``peft_model.fimlora_plan``. ``data`` is a DataLoader or any iterable of dict
+    batches (tokenised, padded tensors); see ``fimlora.data.make_batches`` to build one.
+    """
+    from peft import LoraConfig
+
+    lora_config = lora_config or LoraConfig()
+    result = calibrate(model, data, targets=_targets_of(lora_config, model), **calibrate_kwargs)
+    plan = make_plan(
+        result, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha, budget=budget, r_min=r_min,
+        r_max=r_max, multiple_of=multiple_of, temperature=temperature, alpha_policy=alpha_policy,
+        model_name=getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
+    )
+    peft_model = apply_plan(model, plan, lora_config)
+    peft_model.fimlora_plan = plan
+    return peft_model

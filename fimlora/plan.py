@@ -1,0 +1,365 @@
+"""Rank plans: the per-layer LoRA ranks chosen by calibration, and their JSON file format.
+
+A plan is the hand-off from (expensive) calibration to (cheap) adapter building, and
+people read and edit it by hand, so loading validates every field and says how to fix
+it.  No torch/transformers/peft here: plans can be inspected on any machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import math
+import numbers
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+from fimlora._io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["ALPHA_POLICIES", "BUDGET_KINDS", "PLAN_FORMAT_VERSION", "LayerPlan", "PlanError", "RankPlan",
+           "split_block_and_type"]
+
+PLAN_FORMAT_VERSION = 1
+ALPHA_POLICIES = ("fixed_scale", "fixed_alpha", "rslora")
+BUDGET_KINDS = ("mean_rank", "rank", "params")
+
+# Key order here is the order written to disk: summary first, the long layer list last.
+_PLAN_KEYS = ("format_version", "alpha_policy", "base_rank", "base_alpha", "budget", "calibration",
+              "versions", "layers")
+_LAYER_KEYS = ("name", "d_in", "d_out", "rank", "alpha", "score", "stats")
+_BUDGET_KEYS = ("kind", "value", "total", "used")
+_INDEX = re.compile(r"[0-9]+")
+
+
+class PlanError(ValueError):
+    """A rank plan or plan file is malformed; the message names the field and the fix."""
+
+
+@dataclass
+class LayerPlan:
+    """The rank chosen for one linear module."""
+
+    name: str  # full module name, e.g. "model.layers.3.self_attn.q_proj"
+    d_in: int
+    d_out: int
+    rank: int  # 0 leaves the module out of the adapter
+    alpha: float  # LoRA alpha under the plan's alpha policy
+    score: float  # importance score (>= 0, finite)
+    stats: dict[str, float] = field(default_factory=dict)  # e.g. count, variance, fisher, mean_sq
+
+    @property
+    def params(self) -> int:
+        """Trainable LoRA parameters: A is rank x d_in, B is d_out x rank."""
+        return self.rank * (self.d_in + self.d_out)
+
+
+@dataclass
+class RankPlan:
+    """Per-layer ranks plus everything needed to reproduce and audit them."""
+
+    layers: list[LayerPlan]
+    budget: dict[str, Any]  # {"kind", "value", "total", "used"}; total/used count parameters
+    base_rank: int  # the uniform rank r the budget was derived from
+    base_alpha: float
+    alpha_policy: str  # one of ALPHA_POLICIES
+    calibration: dict[str, Any]  # free-form calibration settings (score, seed, model, ...)
+    versions: dict[str, Any]  # library versions (fimlora, torch, transformers, peft, python)
+    format_version: int = PLAN_FORMAT_VERSION
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """Module name -> rank, in layer order."""
+        return {lp.name: lp.rank for lp in self.layers}
+
+    @property
+    def alphas(self) -> dict[str, float]:
+        """Module name -> alpha, in layer order."""
+        return {lp.name: lp.alpha for lp in self.layers}
+
+    @property
+    def total_params(self) -> int:
+        """Trainable LoRA parameters summed over all layers."""
+        return sum(lp.params for lp in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep-copied, JSON-shaped dict (not validated; see :meth:`validate`)."""
+        # Free-form dicts are key-sorted so that plan files diff cleanly between runs.
+        top = {k: _sorted(getattr(self, k)) for k in _PLAN_KEYS if k != "layers"}
+        layers = [{**dataclasses.asdict(lp), "stats": _sorted(lp.stats)} for lp in self.layers]
+        return copy.deepcopy({**top, "layers": layers})
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str | Path | None = None) -> RankPlan:
+        """Build a plan from :meth:`to_dict` output, validating every field (:class:`PlanError`).
+
+        ``source`` (a file name) only makes error messages point at the file."""
+        return _Parser(str(source) if source is not None else None).plan(d)
+
+    def validate(self) -> RankPlan:
+        """Return a normalised copy (plain ints/floats), raising :class:`PlanError` if invalid."""
+        return RankPlan.from_dict(self.to_dict())
+
+    def to_json(self) -> str:
+        """Validated JSON, indent=2: fixed key order, layer order preserved."""
+        clean = self.validate()  # fail at save time rather than when someone loads the file
+        try:
+            return json.dumps(clean.to_dict(), indent=2, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"invalid plan: not JSON-serialisable ({exc}); calibration and versions may only "
+                            "hold strings, finite numbers, booleans, None, lists and dicts") from exc
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON atomically (a crash never leaves a truncated file)."""
+        return atomic_write_text(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RankPlan:
+        """Read and validate a plan file; every problem raises :class:`PlanError` naming the file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"cannot read plan file {path}: {exc}; check the path") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: "
+                            f"{exc.msg}); it may be truncated or mis-edited, fix it or regenerate the plan") from exc
+        return cls.from_dict(data, source=path)
+
+    def table(self, max_rows: int | None = None) -> str:
+        """An aligned text table, one row per layer, plus a one-line summary footer.
+
+        Past ``max_rows`` layers, the first and last rows frame a ``... N more ...`` line."""
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+        header = ("layer", "shape", "rank", "alpha", "score", "params")
+        rows: list[tuple[str, ...] | None] = [
+            (lp.name, f"{lp.d_out} x {lp.d_in}", str(lp.rank), f"{lp.alpha:g}", f"{lp.score:.2e}", f"{lp.params:,}")
+            for lp in self.layers
+        ]
+        hidden = len(rows) - max_rows if max_rows is not None and len(rows) > max_rows else 0
+        if hidden:
+            head = (len(rows) - hidden + 1) // 2
+            rows = rows[:head] + [None] + rows[head + hidden:]
+        widths = [max(len(r[i]) for r in [header, *rows] if r is not None) for i in range(len(header))]
+
+        def fmt(row: tuple[str, ...]) -> str:
+            # Name left-aligned, numbers right-aligned so the digits line up.
+            cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+            return "  ".join(cells).rstrip()
+
+        lines = [fmt(header), "  ".join("-" * w for w in widths)]
+        lines += [fmt(r) if r is not None else f"... {hidden} more ..." for r in rows]
+        ranks = [lp.rank for lp in self.layers]
+        spread = f"{min(ranks)}/{sum(ranks) / len(ranks):.2f}/{max(ranks)}" if ranks else "-"
+        lines += ["", f"{len(ranks)} layers ({ranks.count(0)} at rank 0) | ranks min/mean/max {spread} | "
+                      f"{self._budget_summary()}"]
+        return "\n".join(lines)
+
+    def _budget_summary(self) -> str:
+        """Parameters used vs the budget total, and the alpha policy (table footer, plot title)."""
+        total = int(self.budget.get("total", 0))
+        pct = f"{100.0 * self.total_params / total:.1f}%" if total > 0 else "n/a"
+        return f"params {self.total_params:,} / {total:,} budget ({pct}) | alpha policy {self.alpha_policy}"
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Atomically save a PNG heatmap of ranks (rows: block, columns: module type); return the path.
+
+        ``title`` replaces the default title (model name and budget summary)."""
+        import matplotlib
+        import numpy as np  # matplotlib's own dependency
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import Normalize
+        from matplotlib.figure import Figure
+
+        row_labels, col_labels, grid = _heatmap_grid(self.layers)
+        # A bare Figure on an Agg canvas: no pyplot global state, no GUI backend needed.
+        fig = Figure(figsize=(min(3.0 + 0.8 * len(col_labels), 40.0), min(2.0 + 0.32 * len(row_labels), 40.0)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        # Grey (masked NaN) marks block/module combinations that do not exist in the model.
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+        norm = Normalize(vmin=0, vmax=max([1, *(lp.rank for lp in self.layers)]))
+        image = ax.imshow(np.ma.masked_invalid(np.array(grid)), cmap=cmap, norm=norm, aspect="auto",
+                          interpolation="nearest")
+        for (i, j), value in np.ndenumerate(np.array(grid)):
+            if not math.isnan(value):
+                r, g, b, _ = cmap(norm(value))  # dark text on light cells, light text on dark
+                colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=7, color=colour)
+        ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+        ax.set_xlabel("module type")
+        ax.set_ylabel("block")
+        fig.colorbar(image, ax=ax, label="rank")
+        if title is None:
+            model = self.calibration.get("model")
+            kind, value = self.budget.get("kind", "?"), self.budget.get("value", "?")
+            title = f"LoRA ranks{f': {model}' if model else ''}\nbudget {kind}={value} | {self._budget_summary()}"
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        return atomic_write_bytes(path, buf.getvalue())  # a viewer never sees half a PNG
+
+
+def split_block_and_type(name: str) -> tuple[int | None, str]:
+    """Split a module name into (block index, module type).
+
+    The block index is the first all-digit dotted component that is followed by
+    at least one more component; the type is everything after it::
+
+        "model.layers.3.self_attn.q_proj"            -> (3, "self_attn.q_proj")
+        "bert.encoder.layer.5.attention.self.query"  -> (5, "attention.self.query")
+        "model.layers.2.mlp.experts.7.w1"            -> (2, "mlp.experts.7.w1")
+        "lm_head" / "classifier.0"                   -> (None, name)
+
+    The *first* index is used because later ones sit inside a block (MoE experts,
+    T5's ``block.3.layer.0``); a trailing index (``nn.Sequential`` position) is no block.
+    """
+    _, block, kind = _split(name)
+    return block, kind
+
+
+def _split(name: str) -> tuple[str, int | None, str]:
+    """(prefix, block, type); the prefix is what precedes the block index."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if _INDEX.fullmatch(part):
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1:])
+    return "", None, name
+
+
+def _heatmap_grid(layers: list[LayerPlan]) -> tuple[list[str], list[str], list[list[float]]]:
+    """Row labels, column labels and a rank grid (NaN where no layer exists)."""
+    parsed = [_split(lp.name) for lp in layers]
+    keys = [(block, kind) for _, block, kind in parsed]
+    if len(set(keys)) < len(keys):
+        # Encoder and decoder both have block 3 / fc1, say: tell the columns apart by the
+        # part of the prefix that differs ("encoder/fc1", "decoder/fc1").
+        short = _distinguishing(sorted({p for p, b, _ in parsed if b is not None}))
+        keys = [(b, k if b is None or not short[p] else f"{short[p]}/{k}") for p, b, k in parsed]
+    blocks = sorted({b for b, _ in keys if b is not None})
+    rows: list[int | None] = [*blocks, *([None] if any(b is None for b, _ in keys) else [])]
+    cols = list(dict.fromkeys(k for _, k in keys))  # first-seen order keeps q,k,v,o,... natural
+    row_at, col_at = {b: i for i, b in enumerate(rows)}, {k: j for j, k in enumerate(cols)}
+    grid = [[math.nan] * len(cols) for _ in rows]
+    for (block, kind), lp in zip(keys, layers, strict=True):
+        grid[row_at[block]][col_at[kind]] = float(lp.rank)
+    return ["-" if b is None else str(b) for b in rows], cols, grid
+
+
+def _distinguishing(prefixes: list[str]) -> dict[str, str]:
+    """Map each prefix to itself minus the dotted components all prefixes share at both ends."""
+    split = [p.split(".") for p in prefixes]
+    rest = [s[len(os.path.commonprefix(split)):] for s in split]  # commonprefix works on any lists
+    trail = len(os.path.commonprefix([s[::-1] for s in rest]))
+    return {p: ".".join(s[: len(s) - trail]) for p, s in zip(prefixes, rest, strict=True)}
+
+
+def _sorted(value: Any) -> Any:
+    """Recursively key-sort dicts so free-form sections serialise deterministically."""
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value, key=str)}
+    return [_sorted(v) for v in value] if isinstance(value, list) else value
+
+
+class _Parser:
+    """Validates plan dicts; every error names the file (if any), the field path and a fix."""
+
+    def __init__(self, source: str | None) -> None:
+        self.origin = f"invalid plan file {source}" if source else "invalid plan"
+
+    def fail(self, where: str, problem: str, fix: str = "fix the value or regenerate the plan") -> NoReturn:
+        raise PlanError(f"{self.origin}: {where} {problem}; {fix}")
+
+    def integer(self, v: Any, where: str, minimum: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+            self.fail(where, f"must be an integer >= {minimum}, got {v!r} ({type(v).__name__})")
+        return int(v)
+
+    def number(self, v: Any, where: str, minimum: float | None = 0.0) -> int | float:
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (minimum is not None and v < minimum):
+            bound = f" >= {minimum:g}" if minimum is not None else ""
+            self.fail(where, f"must be a finite number{bound}, got {v!r} ({type(v).__name__})")
+        return int(v) if isinstance(v, numbers.Integral) else float(v)
+
+    def choice(self, v: Any, where: str, options: tuple[str, ...]) -> str:
+        if v not in options:
+            self.fail(where, f"must be one of {', '.join(options)}, got {v!r}")
+        return v
+
+    def obj(self, v: Any, where: str, keys: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Check ``v`` is a dict with string keys (exactly ``keys``, if given)."""
+        if not isinstance(v, dict):
+            self.fail(where, f"must be a JSON object, got {type(v).__name__}")
+        if any(not isinstance(k, str) for k in v):
+            self.fail(where, "has a non-string key", "keys must be strings")
+        if keys is not None:
+            missing = [k for k in keys if k not in v]
+            if missing:
+                self.fail(f"{where}.{missing[0]}".removeprefix("plan."), "is missing",
+                          f"add it or regenerate the plan (expected keys: {', '.join(keys)})")
+            extra = sorted(k for k in v if k not in keys)
+            if extra:
+                self.fail(where, f"has unexpected key(s) {', '.join(map(repr, extra))}",
+                          "remove them; the file may come from another tool or fimlora version")
+        return v
+
+    def plan(self, d: Any) -> RankPlan:
+        self.obj(d, "plan")
+        # The version goes first: a newer format may legitimately have other keys.
+        if "format_version" not in d:
+            self.fail("format_version", "is missing", "this does not look like a fimlora plan file")
+        version = self.integer(d["format_version"], "format_version", 1)
+        if version > PLAN_FORMAT_VERSION:
+            self.fail("format_version", f"is {version}: written by a newer fimlora (this one reads up to "
+                      f"{PLAN_FORMAT_VERSION})", "upgrade fimlora (pip install -U fimlora)")
+        self.obj(d, "plan", _PLAN_KEYS)
+        budget = self.obj(d["budget"], "budget", _BUDGET_KEYS)
+        total, used = self.integer(budget["total"], "budget.total", 0), self.integer(budget["used"], "budget.used", 0)
+        if used > total:
+            self.fail("budget.used", f"({used}) exceeds budget.total ({total})", "regenerate the plan")
+        if not isinstance(d["layers"], list):
+            self.fail("layers", f"must be a JSON list, got {type(d['layers']).__name__}")
+        if not d["layers"]:
+            self.fail("layers", "is empty", "a plan must cover at least one module; check target modules")
+        layers = [self.layer(item, f"layers[{i}]") for i, item in enumerate(d["layers"])]
+        first: dict[str, int] = {}
+        for i, lp in enumerate(layers):
+            if lp.name in first:
+                self.fail(f"layers[{i}].name", f"{lp.name!r} duplicates layers[{first[lp.name]}].name",
+                          "each module may appear only once; remove one")
+            first[lp.name] = i
+        return RankPlan(
+            layers=layers,
+            budget={"kind": self.choice(budget["kind"], "budget.kind", BUDGET_KINDS),
+                    "value": self.number(budget["value"], "budget.value"), "total": total, "used": used},
+            base_rank=self.integer(d["base_rank"], "base_rank", 1),
+            base_alpha=float(self.number(d["base_alpha"], "base_alpha")),
+            alpha_policy=self.choice(d["alpha_policy"], "alpha_policy", ALPHA_POLICIES),
+            calibration=copy.deepcopy(self.obj(d["calibration"], "calibration")),
+            versions=copy.deepcopy(self.obj(d["versions"], "versions")),
+            format_version=version,
+        )
+
+    def layer(self, item: Any, where: str) -> LayerPlan:
+        self.obj(item, where, _LAYER_KEYS)
+        if not isinstance(item["name"], str) or not item["name"]:
+            self.fail(f"{where}.name", f"must be a non-empty module name, got {item['name']!r}")
+        stats = self.obj(item["stats"], f"{where}.stats")
+        return LayerPlan(
+            name=item["name"],
+            d_in=self.integer(item["d_in"], f"{where}.d_in", 1),
+            d_out=self.integer(item["d_out"], f"{where}.d_out", 1),
+            rank=self.integer(item["rank"], f"{where}.rank", 0),
+            alpha=float(self.number(item["alpha"], f"{where}.alpha")),
+            score=float(self.number(item["score"], f"{where}.score")),
+            stats={k: self.number(v, f"{where}.stats.{k}", None) for k, v in stats.items()},
+        )

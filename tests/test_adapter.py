@@ -1,0 +1,132 @@
+"""Plans become standard PEFT adapters: vanilla PEFT loads them, outputs and merges agree."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from models import batches_of, random_samples, tiny_bert, tiny_llama
+from peft import LoraConfig, PeftModel
+
+import fimlora
+from fimlora.adapter import PlanMismatchError, apply_plan, export_for_serving, lora_config_from_plan
+from fimlora.allocate import Budget
+from fimlora.pipeline import get_peft_model, make_plan
+from fimlora.targets import is_lora_layer
+
+
+def _lora_layers(peft_model):
+    return {n: m for n, m in peft_model.base_model.model.named_modules() if is_lora_layer(m)}
+
+
+def _randomise_b(peft_model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in _lora_layers(peft_model).values():
+            b = layer.lora_B["default"].weight
+            b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def _plan(model, **kwargs):
+    result = fimlora.calibrate(model, batches_of(random_samples(8), 4), progress=False, num_batches=2)
+    return make_plan(result, base_rank=4, **kwargs)
+
+
+def test_one_call_get_peft_model_spends_the_uniform_budget():
+    model = tiny_llama()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    peft_model = get_peft_model(model, batches_of(random_samples(8), 4), config, progress=False, num_batches=2)
+    plan = peft_model.fimlora_plan
+    layers = _lora_layers(peft_model)
+    assert sorted(layers) == sorted(layer.name for layer in plan.layers)
+    uniform = sum(4 * (m.in_features + m.out_features) for m in layers.values())
+    used = sum(m.r["default"] * (m.in_features + m.out_features) for m in layers.values())
+    assert used == plan.budget["used"] <= uniform == plan.budget["total"]
+    assert used > 0.95 * uniform
+    assert {m.r["default"] for m in layers.values()} != {4}, "scores should move ranks away from uniform"
+    for name, layer in layers.items():
+        assert layer.r["default"] == plan.ranks[name]
+        assert 2 <= layer.r["default"] <= 8  # r_min = r/2, r_max = 2r
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == used
+
+
+@pytest.mark.parametrize("policy", ["fixed_scale", "fixed_alpha", "rslora"])
+def test_alpha_policies_set_peft_scaling(policy):
+    model = tiny_llama()
+    plan = _plan(model, base_alpha=16, alpha_policy=policy)
+    peft_model = apply_plan(model, plan, LoraConfig(lora_dropout=0.0))
+    for layer in _lora_layers(peft_model).values():
+        r = layer.r["default"]
+        expected = {"fixed_scale": 16 / 4, "fixed_alpha": 16 / r, "rslora": 16 / math.sqrt(r)}[policy]
+        assert layer.scaling["default"] == pytest.approx(expected)
+
+
+def test_save_vanilla_load_same_outputs_and_merge(tmp_path):
+    plan = _plan(tiny_llama(), alpha_policy="fixed_alpha")
+    peft_model = apply_plan(tiny_llama(), plan, LoraConfig(lora_dropout=0.0))
+    _randomise_b(peft_model)
+    ids = torch.randint(1, 90, (2, 9))
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter").eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    assert {n: m.r["default"] for n, m in _lora_layers(loaded).items()} == {
+        n: r for n, r in plan.ranks.items() if r > 0
+    }
+    merged = loaded.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_serving_export_has_one_global_scale_and_same_outputs(tmp_path):
+    plan = _plan(tiny_llama(), base_alpha=16, alpha_policy="rslora")
+    peft_model = apply_plan(tiny_llama(), plan, LoraConfig(lora_dropout=0.0))
+    _randomise_b(peft_model, seed=1)
+    ids = torch.randint(1, 90, (2, 7))
+    expected = peft_model(input_ids=ids).logits
+    export_for_serving(peft_model, tmp_path / "serve")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "serve").eval()
+    config = loaded.peft_config["default"]
+    assert not config.use_rslora
+    for layer in _lora_layers(loaded).values():
+        assert layer.scaling["default"] == pytest.approx(config.lora_alpha / config.r)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rank_zero_layers_are_left_out():
+    model = tiny_llama()
+    result = fimlora.calibrate(model, batches_of(random_samples(8), 4), progress=False, num_batches=2)
+    plan = make_plan(result, base_rank=4, r_min=0, budget=Budget.total_rank(10))
+    zero = [layer.name for layer in plan.layers if layer.rank == 0]
+    assert zero, "a 10-rank budget over 14 layers must leave some at 0"
+    config = lora_config_from_plan(plan, model=model)
+    assert not set(zero) & set(config.target_modules)
+    peft_model = apply_plan(model, plan)
+    assert not set(zero) & set(_lora_layers(peft_model))
+
+
+def test_keys_are_anchored_and_match_exactly_one_module():
+    model = tiny_llama()
+    config = lora_config_from_plan(_plan(model), model=model)
+    assert all(key.startswith("^") for key in config.rank_pattern)
+    assert len(config.rank_pattern) == 14
+
+
+def test_plan_for_another_model_is_rejected_before_wrapping():
+    plan = _plan(tiny_llama())
+    bert = tiny_bert()
+    with pytest.raises(PlanMismatchError, match=r"(?s)does not fit this model \(14 problem\(s\)\).*no such module"):
+        apply_plan(bert, plan)
+    assert not _lora_layers_in(bert)
+
+
+def test_plan_with_wrong_shapes_is_rejected():
+    plan = _plan(tiny_llama())
+    other = tiny_llama(intermediate_size=40)
+    with pytest.raises(PlanMismatchError, match=r"mlp.up_proj: model has \(d_in, d_out\) = \(32, 40\)"):
+        apply_plan(other, plan)
+
+
+def _lora_layers_in(model):
+    return [m for m in model.modules() if is_lora_layer(m)]
