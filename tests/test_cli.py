@@ -1,0 +1,136 @@
+"""The command line, end to end: outputs load with vanilla PEFT; failures leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from models import tiny_llama
+from peft import PeftModel
+
+from fimlora.cli import main
+from fimlora.plan import RankPlan
+
+OUTPUTS = {"adapter_config.json", "adapter_model.safetensors", "fimlora_plan.json", "rank_map.png"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, request):
+    """A tiny Llama saved as a local model directory, with the embedded BERT tokenizer's vocabulary."""
+    from transformers import AutoTokenizer
+
+    minilm = request.getfixturevalue("minilm_dir")
+    tokenizer = AutoTokenizer.from_pretrained(minilm)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=48).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("\n".join(f"sentence number {i} is about {'cats' if i % 2 else 'dogs'} and more" for i in range(40)))
+    return path
+
+
+def test_tiny_causal_lm_end_to_end(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["calibrate", "--model", str(tiny_model_dir), "--data", str(text_file), "--out", str(out),
+                 "--num-batches", "3", "--batch-size", "4", "--rank", "4", "--quiet"])
+    assert code == 0
+    assert OUTPUTS <= {p.name for p in out.iterdir()}  # PEFT adds its README.md model card
+    plan = RankPlan.load(out / "fimlora_plan.json")
+    assert plan.calibration["task"] == "causal-lm" and plan.calibration["samples"] == 12
+    assert plan.budget["used"] <= plan.budget["total"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"^" + name.replace(".", r"\."): r for name, r in plan.ranks.items() if r > 0}
+    loaded = PeftModel.from_pretrained(tiny_llama(vocab_size=plan_vocab(tiny_model_dir), max_position_embeddings=48), out)
+    assert loaded(input_ids=torch.tensor([[5, 6, 7]])).logits.shape[-1] == plan_vocab(tiny_model_dir)
+    assert "calibrated 14 layers on 12 samples" in capsys.readouterr().out
+
+
+def plan_vocab(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
+
+
+def test_default_embedded_model(tmp_path, minilm_dir, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "demo"
+    assert main(["calibrate", "--out", str(out)]) == 0
+    assert OUTPUTS <= {p.name for p in out.iterdir()}  # PEFT adds its README.md model card
+    printed = capsys.readouterr().out
+    assert "bert.encoder.layer.5.attention.self.value" in printed and "alpha policy fixed_scale" in printed
+    plan = RankPlan.load(out / "fimlora_plan.json")
+    assert len(plan.layers) == 37 and plan.calibration["samples"] == 64
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2)
+    loaded = PeftModel.from_pretrained(base, out)
+    ranks = {n: m.r["default"] for n, m in loaded.base_model.model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "r")}
+    assert ranks == plan.ranks
+
+    assert main(["show", str(out / "fimlora_plan.json"), "--plot", str(tmp_path / "again.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "bert.pooler.dense" in shown and (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _fails(args, capsys, message):
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("fimlora: error:") and message in err, err
+    return err
+
+
+def test_missing_data_file_fails_before_work(tmp_path, capsys):
+    out = tmp_path / "never"
+    _fails(["calibrate", "--data", str(tmp_path / "nope.txt"), "--out", str(out)], capsys, "does not exist")
+    assert not out.exists()
+
+
+def test_unknown_column(tmp_path, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("sentence,label\nhello there,1\n")
+    _fails(["calibrate", "--data", str(data), "--text-column", "txt", "--out", str(tmp_path / "o")], capsys, "txt")
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    _fails(["calibrate", "--out", str(out)], capsys, "--overwrite")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_infeasible_budget_leaves_no_output(tmp_path, capsys, minilm_dir):
+    out = tmp_path / "o"
+    _fails(["calibrate", "--out", str(out), "--budget", "rank:10", "--r-min", "2", "--num-batches", "1"], capsys, "budget")
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_r_min_above_r_max(tmp_path, capsys, minilm_dir):
+    _fails(["calibrate", "--out", str(tmp_path / "o"), "--r-min", "9", "--r-max", "4", "--num-batches", "1"], capsys, "r_min")
+
+
+def test_failure_while_writing_leaves_no_partial_directory(tmp_path, capsys, minilm_dir, monkeypatch):
+    from fimlora import plan as plan_module
+
+    def broken_plot(self, path, title=None):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plan_module.RankPlan, "plot", broken_plot)
+    out = tmp_path / "o"
+    _fails(["calibrate", "--out", str(out), "--num-batches", "1"], capsys, "disk full")
+    assert not list(tmp_path.iterdir()), "no output and no temporary directory may remain"
+
+
+def test_unreadable_plan(tmp_path, capsys):
+    bad = tmp_path / "plan.json"
+    bad.write_text("{not json")
+    _fails(["show", str(bad)], capsys, "plan.json")
+
+
+def test_env_lists_backends(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert "backend torch: available" in out and "peft" in out
