@@ -5,11 +5,13 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .adapter import apply_plan, layer_alpha
 from .allocate import Budget, allocate
 from .calibrate import CalibrationResult, calibrate
+from .data import make_batches
 from .plan import LayerPlan, RankPlan
 from .targets import find_targets, layer_shape
 
@@ -117,6 +119,23 @@ def _targets_of(lora_config, model: nn.Module) -> str | Sequence[str]:
     return sorted(targets)
 
 
+def as_batches(data, *, batch_size: int, num_batches: int, pad_token_id: int):
+    """Batches from ``data``: a DataLoader or iterable of batch dicts is used as it is; a dataset of
+    tokenised examples (a ``datasets.Dataset`` or a list of dicts with 1-D ``input_ids``) is padded
+    into batches of ``batch_size``."""
+    if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")) or len(data) == 0:
+        return data
+    first = data[0]
+    if not isinstance(first, Mapping) or torch.as_tensor(first["input_ids"]).dim() != 1:
+        return data  # already a sequence of batches
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in first]
+    count = min(len(data), batch_size * num_batches)
+    features = [{k: torch.as_tensor(data[i][k]) for k in keys} for i in range(count)]
+    for feature in features:
+        feature.setdefault("attention_mask", torch.ones_like(feature["input_ids"]))
+    return make_batches(features, batch_size=batch_size, pad_token_id=pad_token_id)
+
+
 def get_peft_model(
     model: nn.Module,
     data: Iterable[Mapping],
@@ -128,6 +147,7 @@ def get_peft_model(
     multiple_of: int = 1,
     temperature: float = 1.0,
     alpha_policy: str = "fixed_scale",
+    batch_size: int = 8,
     **calibrate_kwargs,
 ):
     """Calibrate ``model`` on ``data``, allocate ranks, and return the ready ``PeftModel``.
@@ -136,7 +156,7 @@ def get_peft_model(
     ``lora_config`` gives the uniform rank whose parameter count is the budget, alpha, the target
     modules and everything else (dropout, task type, ...). The plan is kept on the returned
     model as ``peft_model.fimlora_plan``. ``data`` is a DataLoader or any iterable of dict
-    batches (tokenised, padded tensors); see ``fimlora.data.make_batches`` to build one.
+    batches, or a dataset of tokenised examples (padded here into batches of ``batch_size``).
     """
     from peft import LoraConfig
 
@@ -145,7 +165,10 @@ def get_peft_model(
     shapes = [layer_shape(module) for module in find_targets(model, targets).values()]
     check_allocation(shapes, base_rank=lora_config.r, budget=budget, r_min=r_min, r_max=r_max,
                      multiple_of=multiple_of, temperature=temperature)
-    result = calibrate(model, data, targets=targets, **calibrate_kwargs)
+    pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    batches = as_batches(data, batch_size=batch_size, num_batches=calibrate_kwargs.get("num_batches", 8),
+                         pad_token_id=pad_token_id)
+    result = calibrate(model, batches, targets=targets, **calibrate_kwargs)
     plan = make_plan(
         result, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha, budget=budget, r_min=r_min,
         r_max=r_max, multiple_of=multiple_of, temperature=temperature, alpha_policy=alpha_policy,

@@ -130,3 +130,14 @@ def test_plan_with_wrong_shapes_is_rejected():
 
 def _lora_layers_in(model):
     return [m for m in model.modules() if is_lora_layer(m)]
+
+
+def test_one_call_accepts_a_dataset_of_tokenised_examples():
+    """A tokenised datasets.Dataset yields one dict of lists per row; a list of such rows stands in."""
+    samples = random_samples(8, seed=9)
+    rows = [{"input_ids": ids.tolist(), "labels": ids.tolist()} for ids, _ in samples]
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    from_rows = get_peft_model(tiny_llama(), rows, config, batch_size=4, num_batches=2, progress=False)
+    from_batches = get_peft_model(tiny_llama(), batches_of(samples, 4), config, num_batches=2, progress=False)
+    assert from_rows.fimlora_plan.ranks == from_batches.fimlora_plan.ranks
+    assert from_rows.fimlora_plan.calibration["samples"] == 8
