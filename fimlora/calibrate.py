@@ -160,8 +160,8 @@ def calibrate(
     device = _input_device(model)
     samples = tokens = done = 0
     started = time.perf_counter()
-    bar = _progress_bar(num_batches, progress)
-    with ProbeSession(model, probes, granularity=granularity, backend=chosen_backend, train=train) as session:
+    session = ProbeSession(model, probes, granularity=granularity, backend=chosen_backend, train=train)
+    with _progress_bar(num_batches, progress) as bar, session:
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             if "attention_mask" not in batch:
@@ -185,7 +185,6 @@ def calibrate(
             tokens += int(batch["attention_mask"].sum())
             bar.update(1)
             bar.set_postfix(samples=samples, tokens=tokens)
-    bar.close()
     if done < num_batches:
         warnings.warn(f"the data gave only {done} batches of the {num_batches} asked for; calibrated on {done}", stacklevel=2)
     for probe in probes:
