@@ -16,6 +16,7 @@ from torch import nn
 from . import backends
 from .losses import TASKS, infer_task, model_losses
 from .probe import ProbeSession, make_probe
+from .samples import sample_layout
 from .stats import GRANULARITIES, SCORES, LayerStats
 from .targets import find_targets, layer_shape, plan_name
 
@@ -41,30 +42,11 @@ class CalibrationResult:
         return {name: s.score(score) for name, s in self.stats.items()}
 
 
-def segments_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[start, end) token ranges of each row's real tokens in the flattened (N*L) layout.
-
-    Padding may be on the left or the right; a row with a hole in the middle cannot be one
-    contiguous sample and is rejected.
-    """
-    mask = attention_mask.bool()
-    n, length = mask.shape
-    positions = torch.arange(length, device=mask.device).expand(n, length)
-    lengths = mask.sum(dim=1)
-    first = torch.where(mask, positions, length).min(dim=1).values
-    last = torch.where(mask, positions, -1).max(dim=1).values
-    if bool(((last - first + 1 != lengths) & (lengths > 0)).any()):
-        raise ValueError("attention_mask rows must be contiguous (left or right padding only); a row has a gap")
-    first = torch.where(lengths > 0, first, 0)
-    rows = torch.arange(n, device=mask.device) * length
-    return torch.stack([rows + first, rows + first + lengths], dim=1)
-
-
 def _with_position_ids(model: nn.Module, batch: dict) -> dict:
     """Left-padded rows need explicit positions, or their tokens sit at shifted positions and
     the gradients (of q/k projections under RoPE, of everything under absolute positions) change."""
-    mask = batch["attention_mask"]
-    if "position_ids" in batch or bool(mask[:, 0].all()) or not _accepts(model, "position_ids"):
+    mask = batch.get("attention_mask")
+    if mask is None or "position_ids" in batch or bool(mask[:, 0].all()) or not _accepts(model, "position_ids"):
         return batch
     return {**batch, "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0)}
 
@@ -164,25 +146,24 @@ def calibrate(
     with _progress_bar(num_batches, progress) as bar, session:
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            if "attention_mask" not in batch:
-                batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+            layout = sample_layout(batch)
             batch = _with_position_ids(model, batch)
-            segments = segments_from_mask(batch["attention_mask"])
+            if "use_cache" not in batch and _accepts(model, "use_cache"):
+                # no KV cache: it costs memory, and transformers only isolates packed rows without one
+                batch["use_cache"] = False
             if loss_fn is not None:
                 losses, keep = loss_fn(model, batch), None
             else:
-                losses, keep = model_losses(model, batch, task)
-            _check_losses(losses, batch, index)
-            if keep is not None:
-                segments = segments[keep]
-            session.set_batch(batch["attention_mask"], segments, keep)
+                losses, keep = model_losses(model, batch, task, layout)
+            _check_losses(losses, layout.num_samples, index)
+            session.set_batch(layout, keep)
             if not losses.requires_grad:
                 raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
             losses.sum().backward()
             _check_stats(probes, index)
             done += 1
-            samples += int(segments.shape[0])
-            tokens += int(batch["attention_mask"].sum())
+            samples += layout.num_samples if keep is None else int(keep.sum())
+            tokens += int((layout.index >= 0).sum())
             bar.update(1)
             bar.set_postfix(samples=samples, tokens=tokens)
     if done < num_batches:
@@ -213,10 +194,12 @@ def calibrate(
     )
 
 
-def _check_losses(losses: torch.Tensor, batch: dict, index: int) -> None:
-    n = batch["input_ids"].shape[0]
+def _check_losses(losses: torch.Tensor, n: int, index: int) -> None:
     if losses.shape != (n,):
-        raise ValueError(f"the loss must have one value per sample, shape ({n},); got {tuple(losses.shape)}")
+        raise ValueError(
+            f"the loss must have one value per sample, shape ({n},); got {tuple(losses.shape)} "
+            "(a packed row holds several samples)"
+        )
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     if bad:
         raise NonFiniteError(f"non-finite loss in batch {index} (samples {bad}); no ranks were allocated")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .samples import SampleLayout
+
 TASKS = ("causal-lm", "seq-cls")
 IGNORE_INDEX = -100
 
@@ -19,26 +21,29 @@ def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_losses(
-    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+    logits: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor, num_samples: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted next-token cross-entropy, averaged over each sample's own labelled tokens.
 
-    A target predicted from a padding position (the first real token of a left-padded row) is
-    not part of the sample, so it is ignored: left and right padding give the same loss.
+    ``sample_index`` (N, L) says which sample each token belongs to (-1: none). A target counts
+    for sample s only when it and the token predicting it both belong to s: so the first real
+    token of a left-padded row, and the first token of each packed segment (predicted from the
+    previous segment), are not targets, and left/right padding and packing all agree.
     """
     shifted_logits = _at_least_float32(logits[:, :-1])
-    shifted_labels = labels[:, 1:]
-    if attention_mask is not None:
-        shifted_labels = shifted_labels.masked_fill(attention_mask[:, :-1] == 0, IGNORE_INDEX)
+    source, target = sample_index[:, :-1], sample_index[:, 1:]
+    counted = (source == target) & (target >= 0) & (labels[:, 1:] != IGNORE_INDEX)
+    shifted_labels = labels[:, 1:].masked_fill(~counted, IGNORE_INDEX)
     token_loss = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
     ).view(shifted_labels.shape)
-    counted = (shifted_labels != IGNORE_INDEX).sum(dim=1)
-    losses = token_loss.sum(dim=1) / counted.clamp(min=1)
-    return losses, counted > 0
+    owners = target[counted]
+    totals = token_loss.new_zeros(num_samples).index_add(0, owners, token_loss[counted])
+    counts = torch.bincount(owners, minlength=num_samples)
+    return totals / counts.clamp(min=1), counts > 0
 
 
 def seq_cls_losses(logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None = None):
@@ -68,16 +73,18 @@ def infer_task(model) -> str:
     )
 
 
-def model_losses(model, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+def model_losses(model, batch: dict, task: str, layout: SampleLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model on ``batch`` (without letting it reduce the loss) and return per-sample losses."""
+    if task == "seq-cls" and layout.packed:
+        raise ValueError("packed rows (several samples in one row) are supported for causal-lm only")
+    if task == "seq-cls" and "labels" not in batch:
+        raise ValueError("seq-cls calibration needs a 'labels' entry in every batch")
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     labels = batch.get("labels")
     if task == "causal-lm":
         if labels is None:
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
-        return causal_lm_losses(logits, labels, batch["attention_mask"])
-    if labels is None:
-        raise ValueError("seq-cls calibration needs a 'labels' entry in every batch")
+            labels = batch["input_ids"]
+        return causal_lm_losses(logits, labels, layout.index, layout.num_samples)
     config = getattr(model, "config", None)
     return seq_cls_losses(logits, labels, getattr(config, "problem_type", None))

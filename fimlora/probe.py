@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
+from .samples import SampleLayout, row_segments
 from .stats import LayerStats
 from .targets import is_lora_layer, layer_shape
 
@@ -130,13 +131,14 @@ class ProbeSession:
             m.training = flag
         self._layouts = {}
 
-    def set_batch(self, attention_mask: torch.Tensor, segments: torch.Tensor, keep: torch.Tensor | None) -> None:
-        """Tell the hooks which tokens form each sample of the batch about to be back-propagated."""
-        rows = torch.arange(attention_mask.shape[0], device=segments.device)
-        row_segments = torch.stack([rows, rows + 1], dim=1)
-        if keep is not None:
-            row_segments = row_segments[keep]
-        self._layouts = {attention_mask.numel(): segments, attention_mask.shape[0]: row_segments}
+    def set_batch(self, layout: SampleLayout, keep: torch.Tensor | None) -> None:
+        """Tell the hooks which tokens form each sample of the batch about to be back-propagated;
+        samples with ``keep`` False (no loss) are left out."""
+        segments = layout.segments if keep is None else layout.segments[keep]
+        self._layouts = {layout.index.numel(): segments}
+        if not layout.packed:  # one sample per row: a pooled layer's rows are its samples
+            rows = row_segments(layout.index.shape[0], device=segments.device)
+            self._layouts.setdefault(layout.index.shape[0], rows if keep is None else rows[keep])
 
     def _forward_hook(self, probe: LayerProbe):
         d_out = probe.state.shape[0]

@@ -141,3 +141,25 @@ def test_scores_follow_the_chosen_statistic():
     result = fimlora.calibrate(model, batches_of(random_samples(6), 3), score="fisher", progress=False)
     for name, value in result.scores().items():
         assert value == pytest.approx(float(result.stats[name].fisher().double().mean()))
+
+
+def test_packed_row_equals_padded_batch():
+    """Several samples in one row (position_ids restart at each): same statistics as padding them."""
+    model = tiny_llama()
+    samples = random_samples(5, seed=10)
+    padded = fimlora.calibrate(model, [pad_batch(samples)], num_batches=1, progress=False)
+    ids = torch.cat([x for x, _ in samples])[None]
+    positions = torch.cat([torch.arange(len(x)) for x, _ in samples])[None]
+    packed = fimlora.calibrate(model, [{"input_ids": ids, "position_ids": positions}], num_batches=1, progress=False)
+    assert packed.settings["samples"] == 5
+    for name, stats in padded.stats.items():
+        assert packed.stats[name].count == stats.count == 5
+        torch.testing.assert_close(packed.stats[name].mean, stats.mean, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(packed.stats[name].m2, stats.m2, rtol=1e-4, atol=1e-12)
+
+
+def test_packed_rows_need_a_causal_lm():
+    ids = torch.randint(1, 90, (1, 8))
+    batch = {"input_ids": ids, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]), "labels": torch.tensor([1])}
+    with pytest.raises(ValueError, match="packed rows .* causal-lm only"):
+        fimlora.calibrate(tiny_bert(), [batch], num_batches=1, progress=False)
