@@ -11,8 +11,6 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
-
 from fimlora import draw_calibration_a
 
 
@@ -25,6 +23,8 @@ def per_sample_loss(model, input_ids, label, task):
 
 def oracle_grads(model, samples, names, *, rank, alpha, seed=0, task="causal-lm"):
     """Per-sample B gradients {name: (N, d_out, r) float64} for ``samples`` = [(ids, label)]."""
+    from peft import LoraConfig, get_peft_model
+
     reference = copy.deepcopy(model).double()
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0)
     peft_model = get_peft_model(reference, config)
@@ -53,3 +53,14 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     scale = expected.abs().max().clamp_min(1e-300)
     return float((actual.double().cpu() - expected.cpu()).abs().max() / scale)
+
+
+def op_oracle(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-sample B gradients (S, d_out, r) of the accumulate op, in float64, one loop step a sample."""
+    grads = []
+    for start, end in segments.tolist():
+        g = torch.zeros(dy.shape[1], h.shape[1], dtype=torch.float64)
+        for t in range(start, end):
+            g += torch.outer(dy[t].double().cpu(), h[t].double().cpu())
+        grads.append(g * scale)
+    return torch.stack(grads) if grads else torch.zeros(0, dy.shape[1], h.shape[1], dtype=torch.float64)

@@ -4,43 +4,72 @@
 G_n = scale * sum_{t in segment n} dy_t h_t^T into ``state`` (a LayerStats) in place:
 
 - dy: (T, d_out) gradient of the layer output, fp32/fp16/bf16
-- h: (T, r) calibration activations A x
+- h: (T, r) calibration activations A x (or x itself, for full-weight statistics)
 - segments: (S, 2) int64 [start, end) token ranges, one per sample; tokens in no range
   (padding) are ignored; an empty range is a sample whose gradient is zero.
 
-The backend is chosen per call (``backend=``), by ``use_backend(...)``, by the environment
-variable FIMLORA_BACKEND, or ``auto``.
+Backends: ``torch`` (plain PyTorch, the reference), ``triton`` (fused kernel, fimlora._kernels),
+``cuda`` (the compiled op fimlora._C, with a CPU and a CUDA implementation). ``auto`` picks,
+for CUDA tensors, triton then cuda then torch; for CPU tensors, the fastest measured CPU path
+(see ``_CPU_ORDER``). The backend is chosen per call (``backend=``), by ``use_backend(...)``,
+by the environment variable FIMLORA_BACKEND, or ``auto``. Optional backends are imported
+lazily and never raise on ``import fimlora``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Iterator
 
 import torch
 
 from ..stats import GRANULARITIES, LayerStats
-from . import _torch
 
-_BACKENDS = {_torch.name: _torch}
-BACKENDS = ("auto", *_BACKENDS)
+_MODULES = {"torch": "._torch", "triton": "._triton", "cuda": "._compiled"}
+BACKENDS = ("auto", *_MODULES)
+_CUDA_ORDER = ("triton", "cuda", "torch")
+# On CPU the compiled op's ATen implementation is used when built: measured faster than the
+# plain-PyTorch path by benchmarks/op_throughput.py (see README "Performance").
+_CPU_ORDER = ("cuda", "torch")
 _default: str | None = None  # set by use_backend; the only global mutable state
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(_MODULES[name], __name__)
+    except ImportError as error:  # a backend module that is not part of this install
+        return error
+
+
+def backend_status(name: str) -> tuple[bool, str]:
+    module = _module(name)
+    if isinstance(module, ImportError):
+        return False, f"backend module missing from this install ({module})"
+    try:
+        return module.available()
+    except Exception as error:  # a probe must never break dispatch
+        return False, f"availability probe failed: {error}"
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Each backend's availability and the reason."""
-    return {name: module.available() for name, module in _BACKENDS.items()}
+    return {name: backend_status(name) for name in _MODULES}
 
 
-def resolve_backend(name: str | None = None, device: torch.device | None = None) -> str:
+def resolve_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
     """The concrete backend a call would use. Raises for unknown or unavailable backends."""
     name = name or _default or os.environ.get("FIMLORA_BACKEND") or "auto"
     if name == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        for candidate in _CUDA_ORDER if on_cuda else _CPU_ORDER:
+            if backend_status(candidate)[0]:
+                return candidate
         return "torch"
-    if name not in _BACKENDS:
+    if name not in _MODULES:
         raise ValueError(f"backend={name!r} is not known; choose one of {', '.join(BACKENDS)}")
-    ok, reason = _BACKENDS[name].available()
+    ok, reason = backend_status(name)
     if not ok:
         raise RuntimeError(f"backend {name!r} is not available: {reason}. Use backend='auto' or 'torch'.")
     return name
@@ -63,8 +92,19 @@ def check_inputs(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, stat
         raise ValueError(f"dy must be (T, d_out) and h (T, r) with the same T; got {tuple(dy.shape)} and {tuple(h.shape)}")
     if state.shape != (dy.shape[1], h.shape[1]):
         raise ValueError(f"state has shape {state.shape} but dy/h give (d_out, r) = ({dy.shape[1]}, {h.shape[1]})")
-    if segments.dim() != 2 or segments.shape[1] != 2:
-        raise ValueError(f"segments must be (S, 2) [start, end) ranges; got shape {tuple(segments.shape)}")
+    if segments.dim() != 2 or segments.shape[1] != 2 or segments.dtype != torch.long:
+        raise ValueError(f"segments must be an int64 (S, 2) tensor of [start, end) ranges; got {segments.dtype} {tuple(segments.shape)}")
+
+
+def summed_grad(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float) -> torch.Tensor:
+    """sum_n G_n = scale * sum over every token in a segment of dy_t h_t^T, in float32 (d_out, r)."""
+    t = dy.shape[0]
+    edges = torch.zeros(t + 1, device=dy.device)
+    edges.index_add_(0, segments[:, 0].to(dy.device), torch.ones(segments.shape[0], device=dy.device))
+    edges.index_add_(0, segments[:, 1].to(dy.device), -torch.ones(segments.shape[0], device=dy.device))
+    in_a_sample = edges.cumsum(0)[:t] > 0
+    weighted_h = h.float() * in_a_sample[:, None]
+    return dy.float().T @ weighted_h * scale
 
 
 def accumulate(
@@ -76,9 +116,21 @@ def accumulate(
     *,
     granularity: str = "sample",
     backend: str | None = None,
-) -> None:
-    """Fold the per-sample B gradients of one batch into ``state`` in place (see module doc)."""
+    return_grad: bool = False,
+) -> torch.Tensor | None:
+    """Fold the per-sample B gradients of one batch into ``state`` in place (see module doc).
+
+    With ``granularity="batch"`` the batch contributes one observation, the gradient of its mean
+    per-sample loss. With ``return_grad`` the summed gradient sum_n G_n (what a training step on
+    B would use) is returned as a float32 (d_out, r) tensor.
+    """
     check_inputs(dy, h, segments, state)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not known; use one of {GRANULARITIES}")
-    _BACKENDS[resolve_backend(backend, dy.device)].accumulate(dy, h, segments, scale, state, granularity=granularity)
+    total = summed_grad(dy, h, segments, scale) if (return_grad or granularity == "batch") else None
+    if granularity == "batch":
+        if segments.shape[0]:
+            state.update_((total / segments.shape[0])[None])
+    else:
+        _module(resolve_backend(backend, dy.device)).accumulate(dy, h, segments, scale, state, granularity="sample")
+    return total if return_grad else None

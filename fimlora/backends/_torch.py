@@ -16,15 +16,10 @@ def available() -> tuple[bool, str]:
     return True, "plain PyTorch, always available"
 
 
-def accumulate(
-    dy: torch.Tensor,
-    h: torch.Tensor,
-    segments: torch.Tensor,
-    scale: float,
-    state: LayerStats,
-    *,
-    granularity: str = "sample",
-) -> None:
+def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats, *,
+               granularity: str = "sample") -> None:
+    if granularity != "sample":
+        raise ValueError("backends only see granularity='sample'; the dispatcher handles 'batch'")
     compute = state.mean.dtype
     bounds = segments.tolist()
     grads = torch.empty(len(bounds), dy.shape[1], h.shape[1], dtype=compute, device=dy.device)
@@ -32,7 +27,4 @@ def accumulate(
         # G_n = s * sum_t dy_t h_t^T over the tokens of sample n
         torch.matmul(dy[start:end].T.to(compute), h[start:end].to(compute), out=grads[i])
     grads.mul_(scale)
-    if granularity == "batch":
-        # the gradient of the batch's mean loss: one observation per batch
-        grads = grads.mean(dim=0, keepdim=True)
     state.update_(grads)

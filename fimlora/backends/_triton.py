@@ -1,0 +1,60 @@
+"""Triton backend of the accumulate op: one fused kernel per call (``fimlora._kernels.accumulate``).
+
+It forms every per-sample B gradient tile in registers and folds it into the running moments
+with Welford's update, so the (S, d_out, r) per-sample tensor is never materialised. It runs on
+CUDA devices, or on CPU under Triton's interpreter (TRITON_INTERPRET=1, slow; for tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..stats import LayerStats
+
+name = "triton"
+
+_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
+
+
+def available() -> tuple[bool, str]:
+    """Whether the kernels can run here, and why (never raises)."""
+    try:
+        import triton
+    except Exception:  # a broken install can raise more than ImportError
+        return False, "triton is not installed (pip install triton)"
+    version = getattr(triton, "__version__", "?")
+    try:
+        cuda = torch.cuda.is_available()
+    except Exception:
+        cuda = False
+    if cuda:
+        return True, f"triton {version} on CUDA"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, f"triton {version} interpreter on CPU (TRITON_INTERPRET=1; slow)"
+    return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+
+
+def accumulate(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    segments: torch.Tensor,
+    scale: float,
+    state: LayerStats,
+    *,
+    granularity: str = "sample",
+) -> None:
+    """Fold the per-sample gradients of one batch into ``state`` in place (see the dispatcher)."""
+    if granularity != "sample":
+        # The dispatcher turns "batch" into a sample-level call; nothing else may reach here.
+        raise ValueError(f"the triton backend only takes granularity='sample', got {granularity!r}")
+    # Imported here so that importing fimlora never needs triton.
+    from fimlora._kernels.accumulate import accumulate_sample_stats
+
+    if segments.dtype in _INTEGER_DTYPES:
+        segments = segments.to(torch.int64)
+    if segments.device != dy.device:
+        segments = segments.to(dy.device)
+    accumulate_sample_stats(dy, h, segments, scale, state.count, state.mean, state.m2)
+    state.count += segments.shape[0]
