@@ -11,6 +11,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+
 from fimlora import draw_calibration_a
 
 
