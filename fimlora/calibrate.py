@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, distributed
 from .losses import TASKS, infer_task, model_losses
 from .probe import ProbeSession, make_probe
 from .samples import sample_layout
 from .stats import GRANULARITIES, SCORES, LayerStats
-from .targets import find_targets, layer_shape, plan_name
+from .targets import find_targets, layer_device, layer_shape, plan_name
 
 logger = logging.getLogger("fimlora")
 
@@ -60,9 +60,8 @@ def _accepts(model: nn.Module, argument: str) -> bool:
 
 
 def _input_device(model: nn.Module) -> torch.device:
-    if hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
-        return model.get_input_embeddings().weight.device
-    return next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return layer_device(embeddings if embeddings is not None else model)
 
 
 def _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype) -> None:
@@ -128,6 +127,8 @@ def calibrate(
         backend: accumulate backend, see ``fimlora.backends``.
         train: run in train mode (dropout on) instead of eval mode.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP adds nothing to a forward whose parameters are all frozen
     if loss_fn is None and task is None:
         task = infer_task(model)
     _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype)
@@ -143,7 +144,7 @@ def calibrate(
     samples = tokens = done = 0
     started = time.perf_counter()
     session = ProbeSession(model, probes, granularity=granularity, backend=chosen_backend, train=train)
-    with _progress_bar(num_batches, progress) as bar, session:
+    with _progress_bar(num_batches, progress and distributed.rank() == 0) as bar, session:
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             layout = sample_layout(batch)
@@ -168,6 +169,9 @@ def calibrate(
             bar.set_postfix(samples=samples, tokens=tokens)
     if done < num_batches:
         warnings.warn(f"the data gave only {done} batches of the {num_batches} asked for; calibrated on {done}", stacklevel=2)
+    # data parallel: every rank ends with the statistics of all ranks' data
+    distributed.all_reduce_stats([probe.state for probe in probes])
+    done, samples, tokens = distributed.all_reduce_counts([done, samples, tokens])
     for probe in probes:
         if probe.state.count == 0:
             warnings.warn(f"layer {probe.name} received no gradient during calibration; its score is 0", stacklevel=2)
@@ -184,6 +188,7 @@ def calibrate(
         "use_rslora": use_rslora,
         "seed": seed,
         "backend": chosen_backend,
+        "world_size": distributed.world_size(),
         "targets": targets if isinstance(targets, str) else list(targets),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -103,7 +103,22 @@ def _default_model_dir() -> str:
 
 
 def run_calibrate(args) -> int:
+    """Under torchrun/accelerate every rank calibrates its own share of the data; the statistics
+    are merged, all ranks compute the same plan, and rank 0 alone writes the output."""
+    from . import distributed
+
+    created = distributed.init_from_environment()
+    try:
+        return _calibrate(args)
+    finally:
+        if created:
+            distributed.dist.destroy_process_group()
+
+
+def _calibrate(args) -> int:
     import torch
+
+    from . import distributed
 
     from . import data as fdata
     from ._io import atomic_directory
@@ -115,17 +130,23 @@ def run_calibrate(args) -> int:
     from .targets import find_targets, layer_shape
 
     started = time.perf_counter()
+    leader = distributed.rank() == 0
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already exists; pass --overwrite or choose another --out")
     budget = Budget.parse(args.budget) if args.budget else Budget.mean_rank(args.rank)
     targets = _parse_targets(args.targets)
-    wanted = args.num_batches * args.batch_size
+    wanted = args.num_batches * args.batch_size * distributed.world_size()
     if args.data:
         examples = fdata.read_examples(args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
                                        label_column=args.label_column, split=args.split,
                                        limit=None if args.shuffle else wanted)
     else:
         examples = fdata.builtin_examples()
+    if args.shuffle:  # a seeded draw from the whole file, the same on every rank, before sharding
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
+        examples = examples.select(order[:wanted].tolist())
+    if args.device == "cuda" and distributed.is_distributed():
+        args.device = f"cuda:{torch.cuda.current_device()}"
     model_dir = args.model or _default_model_dir()
     model, tokenizer, task = load_model_and_tokenizer(
         model_dir, task=args.task, examples=examples, dtype=getattr(torch, args.dtype), device=args.device, seed=args.seed
@@ -135,8 +156,9 @@ def run_calibrate(args) -> int:
                      temperature=args.temperature)
     features = fdata.encode_examples(examples, tokenizer, task=task, max_length=args.max_length,
                                      model_max_length=getattr(model.config, "max_position_embeddings", None))
+    features = distributed.shard(features)  # this rank's share, no overlap between ranks
     batches = fdata.make_batches(features, batch_size=args.batch_size, pad_token_id=fdata.pad_token_id_for(tokenizer),
-                                 num_batches=args.num_batches, shuffle=args.shuffle, seed=args.seed)
+                                 num_batches=args.num_batches)
     result = calibrate(model, batches, targets=targets, task=task, num_batches=args.num_batches, rank=args.calib_rank,
                        seed=args.seed, score=args.score, granularity=args.granularity, backend=args.backend,
                        progress=not args.quiet)
@@ -145,6 +167,9 @@ def run_calibrate(args) -> int:
                      multiple_of=args.multiple_of, temperature=args.temperature, alpha_policy=args.alpha_policy,
                      model_name=args.model or "all-MiniLM-L6-v2 (embedded)")
     plan.calibration["data"] = args.data or "built-in sentiment sentences"
+
+    if not leader:
+        return 0  # every rank holds the same plan; one writes it
 
     from peft import LoraConfig
 

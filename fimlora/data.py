@@ -46,6 +46,14 @@ class TextExamples:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def select(self, indices: Sequence[int]) -> TextExamples:
+        """The examples at ``indices``, in that order."""
+
+        def pick(values):
+            return None if values is None else [values[i] for i in indices]
+
+        return TextExamples(pick(self.texts), pick(self.text_pairs), pick(self.labels))
+
 
 def read_examples(
     path_or_name: str,

@@ -25,7 +25,7 @@ from torch import nn
 from . import backends
 from .samples import SampleLayout, row_segments
 from .stats import LayerStats
-from .targets import is_lora_layer, layer_shape
+from .targets import is_lora_layer, layer_device, layer_shape
 
 
 def draw_calibration_a(name: str, d_in: int, r: int, seed: int = 0) -> torch.Tensor:
@@ -68,7 +68,7 @@ class LayerProbe:
 def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> LayerProbe:
     """Calibration A and scale for one layer: its own lora_A/scaling in a PEFT model, else drawn."""
     d_in, d_out = layer_shape(module)
-    weight_device = next(module.parameters()).device
+    weight_device = layer_device(module)
     if is_lora_layer(module):
         adapter = module.active_adapters[0]
         a = module.lora_A[adapter].weight.detach().float()

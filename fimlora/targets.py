@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -12,6 +13,8 @@ from torch import nn
 _HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 # A PEFT-wrapped model prefixes every module name with this; plans speak of the base model's names.
 _PEFT_PREFIX = "base_model.model."
+# FSDP (v1) and activation-checkpoint wrappers insert these components into module names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -33,7 +36,9 @@ def is_lora_layer(module: nn.Module) -> bool:
 
 
 def plan_name(name: str) -> str:
-    """The module's name relative to the base model (strips PEFT's wrapper prefix)."""
+    """The module's name relative to the base model (without PEFT, FSDP or checkpoint wrappers)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
     return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
 
 
@@ -74,6 +79,19 @@ def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") 
         shown = ", ".join(suffixes) if suffixes else "(none: the model has no linear layers)"
         raise ValueError(f"targets={targets!r} matched no linear layer; linear layers in this model end with: {shown}")
     return found
+
+
+def layer_device(module: nn.Module) -> torch.device:
+    """Where the layer computes: the execution device of an offloaded layer (accelerate keeps
+    its weights on the meta device between calls), else its weight's device."""
+    hook = getattr(module, "_hf_hook", None)
+    execution_device = getattr(hook, "execution_device", None)
+    if execution_device is not None:
+        return torch.device(execution_device if not isinstance(execution_device, int) else f"cuda:{execution_device}")
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if tensor is None or tensor.device.type == "meta":
+        return torch.device("cpu")
+    return tensor.device
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:

@@ -134,3 +134,25 @@ def test_env_lists_backends(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "backend torch: available" in out and "peft" in out
+
+
+def test_cli_under_torchrun_matches_one_process(tiny_model_dir, text_file, tmp_path):
+    """`torchrun --nproc_per_node=2 ... fimlora calibrate`: ranks share the data, rank 0 writes the
+    same plan that one process computes on the same 12 examples."""
+    import subprocess
+    import sys
+
+    common = ["--model", str(tiny_model_dir), "--data", str(text_file), "--num-batches", "3", "--rank", "4", "--quiet"]
+    one = tmp_path / "one"
+    assert main(["calibrate", "--out", str(one), "--batch-size", "4", *common]) == 0
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "fimlora.cli", "calibrate", "--out", str(two), "--batch-size", "2", *common]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("calibrated 14 layers on 12 samples") == 1, "only rank 0 reports and writes"
+    single, distributed = RankPlan.load(one / "fimlora_plan.json"), RankPlan.load(two / "fimlora_plan.json")
+    assert distributed.calibration["world_size"] == 2 and distributed.calibration["samples"] == 12
+    assert distributed.ranks == single.ranks
+    for a, b in zip(single.layers, distributed.layers, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-4)

@@ -1,0 +1,51 @@
+"""Worker for the 2-process gloo tests (spawned; must be importable by the children)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from models import batches_of, random_samples, tiny_llama
+
+import fimlora
+
+SAMPLES = 8
+
+
+def shares(case: str, rank: int):
+    samples = random_samples(SAMPLES, seed=11)
+    if case == "unequal":  # 3 samples on rank 0, 5 on rank 1: different numbers of batches too
+        return samples[:3] if rank == 0 else samples[3:]
+    return samples[rank::2]
+
+
+def wrap(model, wrapper: str):
+    if wrapper == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if wrapper == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+CASES = [("equal", "none"), ("unequal", "none"), ("equal", "ddp"), ("equal", "fsdp2")]
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Every case in one process group (one spawn: starting processes is the slow part)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        warnings.simplefilter("ignore")
+        for case, wrapper in CASES:
+            model = wrap(tiny_llama(), wrapper)
+            result = fimlora.calibrate(model, batches_of(shares(case, rank), 2), num_batches=8, progress=False)
+            plan = fimlora.make_plan(result, base_rank=4)
+            stats = {name: (s.count, s.mean, s.m2) for name, s in result.stats.items()}
+            out = {"stats": stats, "ranks": plan.ranks, "settings": result.settings}
+            torch.save(out, f"{out_dir}/{case}-{wrapper}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,38 @@
+"""Data-parallel calibration: 2 gloo processes give the single-process statistics and plan,
+also with unequal shares and with DDP- and FSDP2-wrapped models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _dist_worker import CASES, SAMPLES, run
+from models import batches_of, random_samples, tiny_llama
+
+import fimlora
+
+
+@pytest.fixture(scope="module")
+def rank_outputs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("dist")
+    mp.spawn(run, args=(2, str(directory / "init"), str(directory)), nprocs=2, join=True)
+    return {
+        case: [torch.load(directory / f"{case[0]}-{case[1]}-{rank}.pt", weights_only=False) for rank in range(2)]
+        for case in CASES
+    }
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_two_ranks_equal_one_process(rank_outputs, case):
+    reference = fimlora.calibrate(
+        tiny_llama(), batches_of(random_samples(SAMPLES, seed=11), 4), num_batches=2, progress=False
+    )
+    plan = fimlora.make_plan(reference, base_rank=4)
+    for out in rank_outputs[case]:
+        assert out["settings"]["samples"] == SAMPLES and out["settings"]["world_size"] == 2
+        assert out["ranks"] == plan.ranks, "every rank must compute the single-process plan"
+        for name, stats in reference.stats.items():
+            count, mean, m2 = out["stats"][name]
+            assert count == stats.count == SAMPLES
+            torch.testing.assert_close(mean, stats.mean, rtol=1e-4, atol=1e-10)
+            torch.testing.assert_close(m2, stats.m2, rtol=1e-4, atol=1e-12)
