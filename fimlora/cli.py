@@ -118,9 +118,8 @@ def run_calibrate(args) -> int:
 def _calibrate(args) -> int:
     import torch
 
-    from . import distributed
-
     from . import data as fdata
+    from . import distributed
     from ._io import atomic_directory
     from .adapter import apply_plan
     from .allocate import Budget
