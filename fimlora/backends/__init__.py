@@ -43,12 +43,13 @@ def _module(name: str):
         return error
 
 
-def backend_status(name: str) -> tuple[bool, str]:
+def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether backend ``name`` can run (on ``device``, when given), and why (not)."""
     module = _module(name)
     if isinstance(module, ImportError):
         return False, f"backend module missing from this install ({module})"
     try:
-        return module.available()
+        return module.available(device)
     except Exception as error:  # a probe must never break dispatch
         return False, f"availability probe failed: {error}"
 
@@ -58,18 +59,23 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {name: backend_status(name) for name in _MODULES}
 
 
-def resolve_backend(name: str | None = None, device: torch.device | str | None = None) -> str:
-    """The concrete backend a call would use. Raises for unknown or unavailable backends."""
+def resolve_backend(
+    name: str | None = None, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """The concrete backend a call on tensors of ``device`` and ``dtype`` would use. Raises for
+    unknown or unavailable backends."""
     name = name or _default or os.environ.get("FIMLORA_BACKEND") or "auto"
     if name == "auto":
+        if dtype == torch.float64:
+            return "torch"  # the fused backends take fp32/fp16/bf16 inputs
         on_cuda = device is not None and torch.device(device).type == "cuda"
         for candidate in _CUDA_ORDER if on_cuda else _CPU_ORDER:
-            if backend_status(candidate)[0]:
+            if backend_status(candidate, device)[0]:
                 return candidate
         return "torch"
     if name not in _MODULES:
         raise ValueError(f"backend={name!r} is not known; choose one of {', '.join(BACKENDS)}")
-    ok, reason = backend_status(name)
+    ok, reason = backend_status(name, device)
     if not ok:
         raise RuntimeError(f"backend {name!r} is not available: {reason}. Use backend='auto' or 'torch'.")
     return name
@@ -132,5 +138,5 @@ def accumulate(
         if segments.shape[0]:
             state.update_((total / segments.shape[0])[None])
     else:
-        _module(resolve_backend(backend, dy.device)).accumulate(dy, h, segments, scale, state, granularity="sample")
+        _module(resolve_backend(backend, dy.device, dy.dtype)).accumulate(dy, h, segments, scale, state, granularity="sample")
     return total if return_grad else None

@@ -12,7 +12,7 @@ from ..stats import LayerStats
 name = "torch"
 
 
-def available() -> tuple[bool, str]:
+def available(device=None) -> tuple[bool, str]:
     return True, "plain PyTorch, always available"
 
 

@@ -18,7 +18,7 @@ name = "triton"
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
 
 
-def available() -> tuple[bool, str]:
+def available(device=None) -> tuple[bool, str]:
     """Whether the kernels can run here, and why (never raises)."""
     try:
         import triton
