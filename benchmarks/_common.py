@@ -71,3 +71,26 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for row in rows:
         print("  ".join(str(row.get(c, "")).rjust(widths[c]) for c in columns))
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """Installed version of each distribution (``"not installed"`` when absent), for the record."""
+    from importlib import metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average (None where unavailable): timings on a busy shared machine say so."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None

@@ -4,6 +4,7 @@ from .adapter import PlanMismatchError, apply_plan, export_for_serving, lora_con
 from .allocate import Budget, allocate
 from .backends import available_backends, use_backend
 from .calibrate import CalibrationResult, NonFiniteError, calibrate
+from .fisher import full_fisher
 from .pipeline import get_peft_model, make_plan
 from .plan import LayerPlan, PlanError, RankPlan
 from .probe import draw_calibration_a
@@ -26,6 +27,7 @@ __all__ = [
     "calibrate",
     "draw_calibration_a",
     "export_for_serving",
+    "full_fisher",
     "get_peft_model",
     "lora_config_from_plan",
     "make_plan",

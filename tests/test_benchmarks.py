@@ -1,0 +1,104 @@
+"""Every benchmark script runs end to end with --smoke (as CI does) and writes its smoke CSV;
+the measuring harness (benchmarks/_memory.py) reports peaks, skips, errors and timeouts."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+sys.path.insert(0, str(BENCHMARKS))
+
+from _memory import Isolated, Skip, measure_peak, serve  # noqa: E402
+
+# script -> (smoke CSV it must write, methods that must have run: never skipped on a CPU install)
+SCRIPTS = {
+    "op_throughput.py": ("op_throughput_smoke.csv", set()),
+    "calibration_overhead.py": ("calibration_overhead_smoke.csv", {"floor", "fimlora-torch", "peft", "bs1", "bmm"}),
+    "memory_vs_fisher.py": ("memory_vs_fisher_smoke.csv", {"floor", "fimlora", "fisher"}),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs() -> dict[str, tuple[subprocess.CompletedProcess, float]]:
+    """Every script's --smoke run, all started at once (each mostly waits on its child processes),
+    so that the whole check stays well under a minute."""
+    started = time.time()
+    running = {script: subprocess.Popen([sys.executable, str(BENCHMARKS / script), "--smoke"], cwd=BENCHMARKS.parent,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for script in SCRIPTS}
+    done = {}
+    for script, process in running.items():
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            stdout, stderr = process.communicate()
+        done[script] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), started)
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_smoke_run_writes_its_csv(script, smoke_runs):
+    csv_name, required = SCRIPTS[script]
+    done, started = smoke_runs[script]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    path = RESULTS / csv_name
+    assert path.is_file() and path.stat().st_mtime >= started - 1, f"{path} was not written"
+    rows = list(csv.DictReader(path.open()))
+    assert rows, f"{path} is empty"
+    if "status" in rows[0]:
+        failed = [(r["method"], r["status"], r["reason"]) for r in rows if r["status"] in ("error", "timeout")]
+        assert not failed, failed  # a missing optional package is a skip; anything else is a bug
+        ran = {r["method"] for r in rows if r["status"] == "ok"}
+        assert required <= ran, f"{required - ran} did not run: " + done.stdout[-2000:]
+    if "rel_err" in rows[0]:  # every contender must reproduce fimlora's statistics
+        errors = {r["method"]: float(r["rel_err"]) for r in rows if r.get("rel_err")}
+        assert errors and max(errors.values()) < 1e-4, errors
+
+
+def test_measure_peak_sees_what_the_method_allocates():
+    def allocate():
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        return float(block[-1])
+
+    _, memory = measure_peak(allocate)
+    assert 60 * 2**20 <= memory["peak_extra_bytes"] <= 80 * 2**20, memory
+
+
+def test_serve_turns_skips_and_failures_into_statuses(tmp_path):
+    def skipping(workload, spec):
+        raise Skip("not installed here")
+
+    def failing(workload, spec):
+        raise ValueError("boom")
+
+    def working(workload, spec):
+        return {"seconds": [0.0], "stats": {"layer": {"mean": torch.zeros(2)}}}
+
+    methods = {"skipping": skipping, "failing": failing, "working": working}
+    build = lambda spec: None  # noqa: E731
+    assert serve({"method": "skipping"}, build, methods) == {"status": "skipped", "reason": "not installed here"}
+    assert serve({"method": "failing"}, build, methods)["reason"] == "ValueError: boom"
+    assert serve({"method": "absent"}, build, methods)["status"] == "skipped"
+    result = serve({"method": "working", "stats_path": str(tmp_path / "s.pt")}, build, methods)
+    assert result["status"] == "ok" and torch.load(result["stats_path"])["layer"]["mean"].shape == (2,)
+
+
+def sleeper(spec: dict) -> dict:
+    time.sleep(spec["seconds"])
+    return {"status": "ok", "slept": spec["seconds"]}
+
+
+def test_isolated_runs_in_a_fresh_process_and_gives_up_on_time():
+    isolated = Isolated()
+    assert isolated.run(sleeper, {"seconds": 0}, timeout=60) == {"status": "ok", "slept": 0}
+    assert isolated.run(sleeper, {"seconds": 30}, timeout=1)["status"] == "timeout"
