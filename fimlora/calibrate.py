@@ -15,7 +15,7 @@ from torch import nn
 
 from . import backends, distributed
 from .losses import TASKS, infer_task, model_losses
-from .probe import ProbeSession, make_probe
+from .probe import LayerProbe, ProbeSession, make_probe
 from .samples import sample_layout
 from .stats import GRANULARITIES, SCORES, LayerStats
 from .targets import find_targets, layer_device, layer_shape, plan_name
@@ -141,33 +141,11 @@ def calibrate(
         make_probe(name, module, rank=rank, alpha=alpha, use_rslora=use_rslora, seed=seed, stats_dtype=stats_dtype)
         for name, module in layers.items()
     ]
-    device = _input_device(model)
-    samples = tokens = done = 0
     started = time.perf_counter()
-    session = ProbeSession(model, probes, granularity=granularity, backend=chosen_backend, train=train)
-    with _progress_bar(num_batches, progress and distributed.rank() == 0) as bar, session:
-        for index, batch in enumerate(batches):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            layout = sample_layout(batch)
-            batch = _with_position_ids(model, batch)
-            if "use_cache" not in batch and _accepts(model, "use_cache"):
-                # no KV cache: it costs memory, and transformers only isolates packed rows without one
-                batch["use_cache"] = False
-            if loss_fn is not None:
-                losses, keep = loss_fn(model, batch), None
-            else:
-                losses, keep = model_losses(model, batch, task, layout)
-            _check_losses(losses, layout.num_samples, index)
-            session.set_batch(layout, keep)
-            if not losses.requires_grad:
-                raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
-            losses.sum().backward()
-            _check_stats(probes, index)
-            done += 1
-            samples += layout.num_samples if keep is None else int(keep.sum())
-            tokens += int((layout.index >= 0).sum())
-            bar.update(1)
-            bar.set_postfix(samples=samples, tokens=tokens)
+    done, samples, tokens = run_probes(
+        model, probes, batches, task=task, loss_fn=loss_fn, granularity=granularity, backend=chosen_backend,
+        train=train, progress=progress, total=num_batches,
+    )
     if done < num_batches:
         warnings.warn(f"the data gave only {done} batches of the {num_batches} asked for; calibrated on {done}", stacklevel=2)
     # data parallel: every rank ends with the statistics of all ranks' data
@@ -200,6 +178,51 @@ def calibrate(
     )
 
 
+def run_probes(
+    model: nn.Module,
+    probes: list[LayerProbe],
+    batches: Iterable[Mapping],
+    *,
+    task: str | None,
+    loss_fn: LossFn | None,
+    granularity: str = "sample",
+    backend: str = "torch",
+    train: bool = False,
+    progress: bool = True,
+    total: int | None = None,
+    desc: str = "fimlora calibrate",
+) -> tuple[int, int, int]:
+    """Run every batch forward and backward with ``probes`` hooked in; returns (batches, samples,
+    tokens) seen on this rank. The probes' states hold the statistics afterwards."""
+    device = _input_device(model)
+    samples = tokens = done = 0
+    session = ProbeSession(model, probes, granularity=granularity, backend=backend, train=train)
+    with _progress_bar(total, progress and distributed.rank() == 0, desc) as bar, session:
+        for index, batch in enumerate(batches):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            layout = sample_layout(batch)
+            batch = _with_position_ids(model, batch)
+            if "use_cache" not in batch and _accepts(model, "use_cache"):
+                # no KV cache: it costs memory, and transformers only isolates packed rows without one
+                batch["use_cache"] = False
+            if loss_fn is not None:
+                losses, keep = loss_fn(model, batch), None
+            else:
+                losses, keep = model_losses(model, batch, task, layout)
+            _check_losses(losses, layout.num_samples, index)
+            session.set_batch(layout, keep)
+            if not losses.requires_grad:
+                raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
+            losses.sum().backward()
+            _check_stats(probes, index)
+            done += 1
+            samples += layout.num_samples if keep is None else int(keep.sum())
+            tokens += int((layout.index >= 0).sum())
+            bar.update(1)
+            bar.set_postfix(samples=samples, tokens=tokens)
+    return done, samples, tokens
+
+
 def _check_losses(losses: torch.Tensor, n: int, index: int) -> None:
     if losses.shape != (n,):
         raise ValueError(
@@ -219,7 +242,7 @@ def _check_stats(probes, index: int) -> None:
             )
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int | None, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="batch", desc="fimlora calibrate", disable=not enabled, leave=False)
+    return tqdm(total=total, unit="batch", desc=desc, disable=not enabled, leave=False)

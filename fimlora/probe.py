@@ -54,15 +54,18 @@ class _AttachToAnchor(torch.autograd.Function):
 class LayerProbe:
     name: str
     module: nn.Module
-    a: torch.Tensor  # (r, d_in), float32
+    a: torch.Tensor | None  # (r, d_in) float32; None measures the full weight (h = x)
     scale: float
     state: LayerStats
     _a_cast: dict = field(default_factory=dict)
 
-    def a_as(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._a_cast:
-            self._a_cast[dtype] = self.a.to(dtype)
-        return self._a_cast[dtype]
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """h = A x, in the activations' dtype; x itself when there is no A."""
+        if self.a is None:
+            return x
+        if x.dtype not in self._a_cast:
+            self._a_cast[x.dtype] = self.a.to(x.dtype)
+        return F.linear(x, self._a_cast[x.dtype])
 
 
 def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> LayerProbe:
@@ -151,7 +154,7 @@ class ProbeSession:
                 return None
             if not output.requires_grad:
                 output = _AttachToAnchor.apply(output, self._anchor)
-            h = F.linear(x.detach(), probe.a_as(x.dtype)).reshape(-1, probe.a.shape[0])
+            h = probe.project(x.detach()).reshape(-1, probe.state.shape[1])
 
             def on_grad(dy: torch.Tensor) -> None:
                 dy = dy.reshape(-1, d_out)
