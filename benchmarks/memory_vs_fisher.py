@@ -35,11 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, environment, machine_load, package_versions, print_table, write_csv  # noqa: E402
-from _memory import Isolated, Skip, serve  # noqa: E402
-from calibration_overhead import (  # noqa: E402  (the contenders, run here on the full weights)
+from _contenders import (  # noqa: E402  (the contenders, run here on the full weights)
     LLAMA_PRESETS,
-    PRELOAD,
-    VERSIONS,
     Prepared,
     Workload,
     backpack_method,
@@ -48,12 +45,11 @@ from calibration_overhead import (  # noqa: E402  (the contenders, run here on t
     measured,
     moments,
     opacus_method,
-    relative_error,
-    run_all,
     token_batches,
     torch_func_method,
-    without_threads,
 )
+from _memory import Isolated, Skip, serve  # noqa: E402
+from calibration_overhead import PRELOAD, VERSIONS, relative_error, run_all, without_threads  # noqa: E402
 
 import fimlora  # noqa: E402
 from fimlora.fisher import full_fisher  # noqa: E402
