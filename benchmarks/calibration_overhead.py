@@ -56,14 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, environment, machine_load, package_versions, print_table, write_csv  # noqa: E402
 from _contenders import (  # noqa: E402
     CONTENDERS,
-    LLAMA_PRESETS,
-    Workload,
     backend_unavailable,
-    build,
     measured,
     round_robin,
 )
 from _memory import Isolated, serve  # noqa: E402
+from _workloads import LLAMA_PRESETS, Workload, build  # noqa: E402
 
 from fimlora import backends  # noqa: E402
 

@@ -36,19 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, environment, machine_load, package_versions, print_table, write_csv  # noqa: E402
 from _contenders import (  # noqa: E402  (the contenders, run here on the full weights)
-    LLAMA_PRESETS,
-    Prepared,
-    Workload,
     backpack_method,
     floor,
-    llama_model,
     measured,
-    moments,
     opacus_method,
-    token_batches,
     torch_func_method,
 )
 from _memory import Isolated, Skip, serve  # noqa: E402
+from _workloads import LLAMA_PRESETS, Prepared, Workload, llama_model, moments, token_batches  # noqa: E402
 from calibration_overhead import PRELOAD, VERSIONS, relative_error, run_all, without_threads  # noqa: E402
 
 import fimlora  # noqa: E402

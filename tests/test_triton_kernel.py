@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import moments, op_oracle
 
 from fimlora.backends import _triton
 from fimlora.stats import LayerStats
@@ -34,23 +35,6 @@ def kernel():
 
 # ---------------------------------------------------------------------------------------------
 # float64 oracle, written plainly
-
-
-def per_sample_grads(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float) -> torch.Tensor:
-    """G_n = scale * sum_{t in segment n} dy_t h_t^T for each sample, float64, explicitly."""
-    grads = []
-    for start, end in segments.tolist():
-        g = torch.zeros(dy.shape[1], h.shape[1], dtype=torch.float64)
-        for t in range(start, end):
-            g += torch.outer(dy[t].double().cpu(), h[t].double().cpu())
-        grads.append(scale * g)
-    return torch.stack(grads)
-
-
-def moments(grads: torch.Tensor) -> dict[str, torch.Tensor]:
-    mean = grads.mean(dim=0)
-    variance = grads.var(dim=0, unbiased=False)
-    return {"mean": mean, "variance": variance, "fisher": grads.square().mean(dim=0)}
 
 
 def stats_moments(count: int, mean: torch.Tensor, m2: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,19 +99,19 @@ def test_matches_float64_oracle(kernel, dtype, r):
     # block_t = 16 splits the longer samples into several token chunks.
     dy, h, segments = make_inputs(37, r, dtype)
     actual = run(kernel, dy, h, segments, 0.75, block_d=16, block_r=16, block_t=16)
-    assert_moments(actual, moments(per_sample_grads(dy, h, segments, 0.75)), TOLERANCE[dtype])
+    assert_moments(actual, moments(op_oracle(dy, h, segments, 0.75)), TOLERANCE[dtype])
 
 
 def test_default_blocks_and_mixed_input_dtypes(kernel):
     dy, h, segments = make_inputs(20, 5, torch.bfloat16, h_dtype=torch.float32)
     actual = run(kernel, dy, h, segments, 2.0)
-    assert_moments(actual, moments(per_sample_grads(dy, h, segments, 2.0)), TOLERANCE[torch.bfloat16])
+    assert_moments(actual, moments(op_oracle(dy, h, segments, 2.0)), TOLERANCE[torch.bfloat16])
 
 
 def test_empty_and_single_token_samples(kernel):
     dy, h, _ = make_inputs(18, 3, torch.float32)
     segments = torch.tensor([[5, 5], [9, 10], [0, 0], [40, 41]], device=DEVICE)
-    grads = per_sample_grads(dy, h, segments, 1.0)
+    grads = op_oracle(dy, h, segments, 1.0)
     assert grads[0].abs().max() == 0 and grads[2].abs().max() == 0
     assert_moments(run(kernel, dy, h, segments, 1.0), moments(grads), TOLERANCE[torch.float32])
 
@@ -138,7 +122,7 @@ def test_long_segment_spans_many_token_chunks(kernel):
     h = torch.randn(64, 2, generator=generator).to(DEVICE)
     segments = torch.tensor([[1, 63], [63, 64], [0, 1]], device=DEVICE)  # 62 tokens = 4 chunks of 16
     actual = run(kernel, dy, h, segments, 0.5, block_t=16, num_splits=1)
-    assert_moments(actual, moments(per_sample_grads(dy, h, segments, 0.5)), TOLERANCE[torch.float32])
+    assert_moments(actual, moments(op_oracle(dy, h, segments, 0.5)), TOLERANCE[torch.float32])
 
 
 def test_padding_tokens_are_ignored(kernel):
@@ -155,14 +139,14 @@ def test_one_split_and_three_splits_agree(kernel, state_dtype):
     one = run(kernel, dy, h, segments, 1.5, num_splits=1, state_dtype=state_dtype)
     three = run(kernel, dy, h, segments, 1.5, num_splits=3, state_dtype=state_dtype)
     assert_moments(three, one, 1e-6)
-    assert_moments(three, moments(per_sample_grads(dy, h, segments, 1.5)), TOLERANCE[torch.float32])
+    assert_moments(three, moments(op_oracle(dy, h, segments, 1.5)), TOLERANCE[torch.float32])
 
 
 def test_more_splits_than_samples(kernel):
     dy, h, _ = make_inputs(10, 2, torch.float32)
     segments = torch.tensor([[3, 9], [11, 30]], device=DEVICE)
     actual = run(kernel, dy, h, segments, 1.0, num_splits=8)
-    assert_moments(actual, moments(per_sample_grads(dy, h, segments, 1.0)), TOLERANCE[torch.float32])
+    assert_moments(actual, moments(op_oracle(dy, h, segments, 1.0)), TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -173,7 +157,7 @@ def test_existing_state_is_merged(kernel, num_splits):
     mean = previous.mean(dim=0).float().to(DEVICE)
     m2 = (previous.var(dim=0, unbiased=False) * 4).float().to(DEVICE)
     actual = run(kernel, dy, h, segments, 0.25, count=4, mean=mean, m2=m2, num_splits=num_splits)
-    grads = torch.cat([previous, per_sample_grads(dy, h, segments, 0.25)])
+    grads = torch.cat([previous, op_oracle(dy, h, segments, 0.25)])
     assert_moments(actual, moments(grads), TOLERANCE[torch.float32])
 
 
@@ -200,7 +184,7 @@ def test_many_small_calls_equal_one_large_call(kernel):
         stats_moments(once.count, once.mean, once.m2),
         1e-6,
     )
-    expected = moments(per_sample_grads(dy, h, segments, 0.5))
+    expected = moments(op_oracle(dy, h, segments, 0.5))
     assert_moments(stats_moments(pieces.count, pieces.mean, pieces.m2), expected, TOLERANCE[torch.float32])
 
 
@@ -212,7 +196,7 @@ def test_variance_is_stable_when_mean_dominates(kernel):
     dy = (1e4 + torch.randn(n, d_out, generator=generator, dtype=torch.float64)).float().to(DEVICE)
     h = torch.ones(n, 1, device=DEVICE)
     segments = torch.stack([torch.arange(n), torch.arange(1, n + 1)], dim=1).to(DEVICE)
-    expected = moments(per_sample_grads(dy, h, segments, 1.0))["variance"]
+    expected = moments(op_oracle(dy, h, segments, 1.0))["variance"]
     for num_splits in (1, 3):
         state = LayerStats.zeros(d_out, 1, device=DEVICE)
         for part in (segments[:10], segments[10:]):  # also through the state merge
@@ -230,7 +214,7 @@ def test_strided_inputs(kernel):
     table = torch.tensor([[a, b, -1] for a, b in SEGMENTS], device=DEVICE)
     segments = table[:, :2]  # row stride 3
     actual = run(kernel, dy, h, segments, 1.0)
-    assert_moments(actual, moments(per_sample_grads(dy, h, segments, 1.0)), TOLERANCE[torch.float32])
+    assert_moments(actual, moments(op_oracle(dy, h, segments, 1.0)), TOLERANCE[torch.float32])
 
 
 def test_no_tokens_at_all(kernel):
@@ -308,6 +292,6 @@ def test_backend_module(kernel):
     assert state.count == len(SEGMENTS)
     assert_moments(
         stats_moments(state.count, state.mean, state.m2),
-        moments(per_sample_grads(dy, h, segments, 1.0)),
+        moments(op_oracle(dy, h, segments, 1.0)),
         2e-5,
     )
