@@ -22,24 +22,29 @@ def per_sample_loss(model, input_ids, label, task):
     return F.cross_entropy(logits[None], label.view(1))
 
 
-def oracle_grads(model, samples, names, *, rank, alpha, seed=0, task="causal-lm"):
-    """Per-sample B gradients {name: (N, d_out, r) float64} for ``samples`` = [(ids, label)]."""
+def oracle_grads(model, samples, names, *, rank, alpha, seed=0, task="causal-lm", dtype=torch.float64):
+    """Per-sample B gradients {name: (N, d_out, r)} for ``samples`` = [(ids, label)], in ``dtype``
+    (float64 by default; None keeps the model's own precision, for quantized models that have no
+    float64 form)."""
     from peft import LoraConfig, get_peft_model
 
-    reference = copy.deepcopy(model).double()
+    reference = copy.deepcopy(model)
+    if dtype is not None:
+        reference = reference.to(dtype)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(names), lora_dropout=0.0)
     peft_model = get_peft_model(reference, config)
     peft_model.eval()
     layers = {name: peft_model.base_model.model.get_submodule(name) for name in names}
     for name, layer in layers.items():
         with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(draw_calibration_a(name, layer.in_features, rank, seed).double())
+            a = layer.lora_A["default"].weight
+            a.copy_(draw_calibration_a(name, layer.in_features, rank, seed).to(a.dtype))
     grads = {name: [] for name in names}
     for ids, label in samples:
         peft_model.zero_grad()
         per_sample_loss(peft_model, ids, label, task).backward()
         for name, layer in layers.items():
-            grads[name].append(layer.lora_B["default"].weight.grad.detach().clone())
+            grads[name].append(layer.lora_B["default"].weight.grad.detach().double())
     return {name: torch.stack(g) for name, g in grads.items()}
 
 

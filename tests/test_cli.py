@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import require
 from models import tiny_llama
 from peft import PeftModel
 
@@ -136,19 +137,17 @@ def test_env_lists_backends(capsys):
     assert "backend torch: available" in out and "peft" in out
 
 
-def test_cli_under_torchrun_matches_one_process(tiny_model_dir, text_file, tmp_path):
-    """`torchrun --nproc_per_node=2 ... fimlora calibrate`: ranks share the data, rank 0 writes the
-    same plan that one process computes on the same 12 examples."""
+def _launched_plan_matches_one_process(launcher, model_dir, text_file, tmp_path):
+    """Run ``launcher + fimlora.cli calibrate`` with 2 processes of batch 2 and compare with one
+    process of batch 4 on the same 12 examples: rank 0 alone reports and writes the same plan."""
     import subprocess
-    import sys
 
-    common = ["--model", str(tiny_model_dir), "--data", str(text_file), "--num-batches", "3", "--rank", "4", "--quiet"]
+    common = ["--model", str(model_dir), "--data", str(text_file), "--num-batches", "3", "--rank", "4", "--quiet"]
     one = tmp_path / "one"
     assert main(["calibrate", "--out", str(one), "--batch-size", "4", *common]) == 0
     two = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "fimlora.cli", "calibrate", "--out", str(two), "--batch-size", "2", *common]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [*launcher, "-m", "fimlora.cli", "calibrate", "--out", str(two), "--batch-size", "2", *common]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("calibrated 14 layers on 12 samples") == 1, "only rank 0 reports and writes"
     single, distributed = RankPlan.load(one / "fimlora_plan.json"), RankPlan.load(two / "fimlora_plan.json")
@@ -156,3 +155,30 @@ def test_cli_under_torchrun_matches_one_process(tiny_model_dir, text_file, tmp_p
     assert distributed.ranks == single.ranks
     for a, b in zip(single.layers, distributed.layers, strict=True):
         assert b.score == pytest.approx(a.score, rel=1e-4)
+
+
+def test_cli_under_torchrun_matches_one_process(tiny_model_dir, text_file, tmp_path):
+    """`torchrun --nproc_per_node=2 ... fimlora calibrate`."""
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    _launched_plan_matches_one_process(launcher, tiny_model_dir, text_file, tmp_path)
+
+
+def test_cli_under_accelerate_launch_matches_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2 ... fimlora calibrate`: on CPUs accelerate starts
+    the processes with mpirun, which announces the world in its own variables, not torchrun's."""
+    import shutil
+    import sys
+
+    pytest.importorskip("accelerate")
+    require(shutil.which("mpirun") is not None, "accelerate launches several CPU processes with mpirun: "
+            "install Open MPI (apt-get install openmpi-bin)")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT", "1")  # containers and CI often run as root
+    monkeypatch.setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--mpirun_hostfile", str(hostfile)]
+    _launched_plan_matches_one_process(launcher, tiny_model_dir, text_file, tmp_path)

@@ -36,3 +36,16 @@ def test_two_ranks_equal_one_process(rank_outputs, case):
             assert count == stats.count == SAMPLES
             torch.testing.assert_close(mean, stats.mean, rtol=1e-4, atol=1e-10)
             torch.testing.assert_close(m2, stats.m2, rtol=1e-4, atol=1e-12)
+
+
+def test_mpi_launch_without_accelerate_names_the_fix(monkeypatch):
+    """`accelerate launch --cpu` starts processes with mpirun, which sets only its own variables."""
+    from fimlora import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setitem(__import__("sys").modules, "accelerate", None)  # as if not installed
+    assert distributed.launched_world_size() == 2
+    with pytest.raises(RuntimeError, match="pip install accelerate"):
+        distributed.init_from_environment()
+    assert not torch.distributed.is_initialized()

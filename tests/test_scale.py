@@ -30,6 +30,22 @@ def test_offloaded_model_matches_resident_model():
     assert all(s.mean.device.type == "cpu" for s in offloaded.stats.values())
 
 
+
+def test_device_map_with_disk_offload_matches_resident_model(tmp_path):
+    """transformers' device_map: one decoder layer lives on disk, the rest on the CPU."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    placement = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                 "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=placement,
+                                                 offload_folder=tmp_path / "offload", dtype=torch.float32).eval()
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    data = batches_of(random_samples(6, seed=12), 3)
+    _close(fimlora.calibrate(tiny_llama(), data, num_batches=2, progress=False),
+           fimlora.calibrate(model, data, num_batches=2, progress=False))
+
 class Int8Linear(nn.Module):
     """A stand-in for quantized linears (bitsandbytes, GPTQ, ...): int8 weight, dequantized per call."""
 
