@@ -214,6 +214,7 @@ def run_probes(
             if not losses.requires_grad:
                 raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
             losses.sum().backward()
+            session.finish_batch()
             _check_stats(probes, index)
             done += 1
             samples += layout.num_samples if keep is None else int(keep.sum())

@@ -6,6 +6,11 @@ layer's statistics. Because h travels in the closure of the hook on *that* outpu
 re-run by gradient checkpointing creates a hook on a tensor that never receives a gradient,
 so each real forward is counted exactly once.
 
+A layer called several times in one forward (ALBERT's shared layers, weight tying) has one
+per-sample gradient, the sum over its calls. Its (dy, h) pairs are kept until the backward is
+over and then folded in as one sample each, its tokens of all calls together; a layer called
+once (the usual case) folds its gradient in as soon as it arrives, keeping nothing.
+
 No parameter requires grad during calibration: only activation gradients flow. A layer whose
 input carries no gradient (the first target, say) gets its output tied to a scalar anchor by
 a zero-copy identity op so that the backward reaches it without touching the embeddings.
@@ -51,6 +56,16 @@ class _AttachToAnchor(torch.autograd.Function):
 
 
 @dataclass
+class _Calls:
+    """One layer's calls in the current batch."""
+
+    forward: int = 0  # calls in the forward pass, with or without grad
+    hooked: int = 0  # of those, the ones whose output carries a gradient hook
+    recomputed: int = 0  # calls re-run in the backward (reentrant checkpointing) that got a hook
+    pending: list = field(default_factory=list)  # (dy, h) of a layer called more than once
+
+
+@dataclass
 class LayerProbe:
     name: str
     module: nn.Module
@@ -58,6 +73,7 @@ class LayerProbe:
     scale: float
     state: LayerStats
     _a_cast: dict = field(default_factory=dict)
+    calls: _Calls = field(default_factory=_Calls)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = A x, in the activations' dtype; x itself when there is no A."""
@@ -86,7 +102,8 @@ def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> L
 class ProbeSession:
     """Context manager: hooks in, parameters frozen, eval mode; all restored on exit.
 
-    ``set_batch`` must be called with the current batch's samples before its backward.
+    ``set_batch`` must be called with the current batch's samples between its forward and its
+    backward, and ``finish_batch`` after the backward.
     """
 
     def __init__(self, model: nn.Module, probes: list[LayerProbe], *, granularity="sample", backend=None, train=False):
@@ -102,6 +119,7 @@ class ProbeSession:
         self._saved_requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._saved_training: list[tuple[nn.Module, bool]] = []
         self._anchor = torch.zeros((), requires_grad=True)
+        self._in_backward = False
 
     def __enter__(self) -> ProbeSession:
         try:
@@ -133,6 +151,8 @@ class ProbeSession:
         for m, flag in self._saved_training:
             m.training = flag
         self._layouts = {}
+        for probe in self.probes:
+            probe.calls = _Calls()
 
     def set_batch(self, layout: SampleLayout, keep: torch.Tensor | None) -> None:
         """Tell the hooks which tokens form each sample of the batch about to be back-propagated;
@@ -142,15 +162,50 @@ class ProbeSession:
         if not layout.packed:  # one sample per row: a pooled layer's rows are its samples
             rows = row_segments(layout.index.shape[0], device=segments.device)
             self._layouts.setdefault(layout.index.shape[0], rows if keep is None else rows[keep])
+        self._in_backward = True
+
+    def finish_batch(self) -> None:
+        """Fold in the layers called more than once, now that all their calls' gradients are in."""
+        for probe in self.probes:
+            if probe.calls.pending:
+                dy, h, segments = _join_calls(probe, probe.calls.pending, self._layouts)
+                backends.accumulate(dy, h, segments, probe.scale, probe.state,
+                                    granularity=self.granularity, backend=self.backend)
+            probe.calls = _Calls()
+        self._in_backward = False
+
+    def _segments(self, probe: LayerProbe, positions: int) -> torch.Tensor:
+        segments = self._layouts.get(positions)
+        if segments is None:
+            raise RuntimeError(
+                f"layer {probe.name} saw {positions} positions, which is neither the batch's "
+                f"tokens nor its rows {tuple(self._layouts)}; fimlora needs target layers that act "
+                "on (batch, seq, features) or (batch, features)"
+            )
+        return segments
+
+    def _wants_hook(self, probe: LayerProbe) -> bool:
+        """Count this call; False for a call whose output never receives a gradient: one without
+        grad, or a non-reentrant checkpoint's re-run of a call already hooked in the forward."""
+        calls = probe.calls
+        if not self._in_backward:
+            calls.forward += 1
+            calls.hooked += torch.is_grad_enabled()
+            return torch.is_grad_enabled()
+        # In the backward only reentrant checkpointing re-runs the calls its forward ran without grad.
+        if not torch.is_grad_enabled() or calls.recomputed >= calls.forward - calls.hooked:
+            return False
+        calls.recomputed += 1
+        return True
 
     def _forward_hook(self, probe: LayerProbe):
         d_out = probe.state.shape[0]
 
         def hook(module, args, output):
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
-                return None
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+                return None
+            if not self._wants_hook(probe):
                 return None
             if not output.requires_grad:
                 output = _AttachToAnchor.apply(output, self._anchor)
@@ -158,13 +213,10 @@ class ProbeSession:
 
             def on_grad(dy: torch.Tensor) -> None:
                 dy = dy.reshape(-1, d_out)
-                segments = self._layouts.get(dy.shape[0])
-                if segments is None:
-                    raise RuntimeError(
-                        f"layer {probe.name} saw {dy.shape[0]} positions, which is neither the batch's "
-                        f"tokens nor its rows {tuple(self._layouts)}; fimlora needs target layers that act "
-                        "on (batch, seq, features) or (batch, features)"
-                    )
+                segments = self._segments(probe, dy.shape[0])
+                if probe.calls.forward > 1:  # the sample's gradient sums over calls: wait for all
+                    probe.calls.pending.append((dy, h))
+                    return
                 backends.accumulate(
                     dy, h, segments, probe.scale, probe.state,
                     granularity=self.granularity, backend=self.backend,
@@ -174,3 +226,32 @@ class ProbeSession:
             return output
 
         return hook
+
+
+def _join_calls(probe: LayerProbe, pending: list, layouts: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, h, segments) with each sample's tokens of every call side by side, so that one
+    per-sample outer-product sum over them is the gradient of the shared weight."""
+    positions = {dy.shape[0] for dy, _ in pending}
+    if len(positions) != 1:
+        raise RuntimeError(
+            f"layer {probe.name} was called {len(pending)} times in one forward on different numbers of "
+            f"positions {sorted(positions)}; fimlora can sum a shared layer's calls only when each sees the "
+            "whole batch; leave it out of the targets"
+        )
+    (count,) = positions
+    segments = layouts[count]
+    calls = len(pending)
+    lengths = segments[:, 1] - segments[:, 0]
+    device = segments.device
+    sample = torch.repeat_interleave(torch.arange(len(segments), device=device), lengths)
+    offset_in_segment = torch.arange(int(lengths.sum()), device=device) - (lengths.cumsum(0) - lengths)[sample]
+    token = segments[:, 0][sample] + offset_in_segment  # every sample's positions within one call
+    # their positions in the calls laid end to end, then grouped by sample (calls in order)
+    index = (token[None, :] + count * torch.arange(calls, device=device)[:, None]).flatten()
+    index = index[torch.sort(sample.repeat(calls), stable=True).indices]
+    joined_lengths = lengths * calls
+    ends = joined_lengths.cumsum(0)
+    joined = torch.stack([ends - joined_lengths, ends], dim=1)
+    dy = torch.cat([d for d, _ in pending])[index]
+    h = torch.cat([x for _, x in pending])[index]
+    return dy, h, joined

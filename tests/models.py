@@ -18,6 +18,14 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def reused_layer_llama(seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama whose three decoder positions all run one and the same layer (weight sharing)."""
+    model = tiny_llama(seed, num_hidden_layers=3)
+    for index in (1, 2):
+        model.model.layers[index] = model.model.layers[0]
+    return model
+
+
 def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     config = BertConfig(

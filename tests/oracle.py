@@ -16,9 +16,11 @@ from fimlora import draw_calibration_a
 
 
 def per_sample_loss(model, input_ids, label, task):
-    logits = model(input_ids=input_ids[None]).logits[0]
     if task == "causal-lm":
+        # no KV cache, as in calibration (a decoder layer reused in one forward would append to its own cache)
+        logits = model(input_ids=input_ids[None], use_cache=False).logits[0]
         return F.cross_entropy(logits[:-1], input_ids[1:])  # mean over this sample's own tokens
+    logits = model(input_ids=input_ids[None]).logits[0]
     return F.cross_entropy(logits[None], label.view(1))
 
 

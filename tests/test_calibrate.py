@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import batches_of, pad_batch, random_samples, tiny_bert, tiny_llama
+from models import batches_of, pad_batch, random_samples, reused_layer_llama, tiny_bert, tiny_llama
 from oracle import moments, oracle_grads, relative_error
 
 import fimlora
@@ -114,15 +114,19 @@ def test_existing_peft_model_uses_its_own_lora_a_and_scale():
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_same_statistics(use_reentrant):
+@pytest.mark.parametrize("make_model", [tiny_llama, reused_layer_llama], ids=["llama", "reused-layer"])
+def test_gradient_checkpointing_gives_same_statistics(use_reentrant, make_model):
+    """Checkpointing re-runs forwards in the backward: a call must be neither lost (reentrant: the
+    first forward runs without grad) nor counted twice (non-reentrant), a reused layer's included."""
     samples = random_samples(6, seed=6)
-    plain = fimlora.calibrate(tiny_llama(), batches_of(samples, 3), progress=False)
-    model = tiny_llama()
+    plain = fimlora.calibrate(make_model(), batches_of(samples, 3), progress=False)
+    model = make_model()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.train()  # transformers only checkpoints in train mode; dropout is 0 in this config
     checkpointed = fimlora.calibrate(model, batches_of(samples, 3), train=True, progress=False)
     for name, stats in plain.stats.items():
         assert checkpointed.stats[name].count == stats.count  # hooks fired once per real forward
+        torch.testing.assert_close(checkpointed.stats[name].mean, stats.mean, rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(checkpointed.stats[name].m2, stats.m2, rtol=1e-4, atol=1e-12)
     assert model.training
 
