@@ -74,6 +74,9 @@ class LayerProbe:
     state: LayerStats
     _a_cast: dict = field(default_factory=dict)
     calls: _Calls = field(default_factory=_Calls)
+    # A PEFT LoRA layer's dropout: lora_A sees its output, not x (they differ in train mode)
+    lora_dropout: nn.Module | None = None
+    dropped_x: torch.Tensor | None = None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """h = A x, in the activations' dtype; x itself when there is no A."""
@@ -92,11 +95,13 @@ def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> L
         adapter = module.active_adapters[0]
         a = module.lora_A[adapter].weight.detach().float()
         scale = float(module.scaling[adapter])
+        dropout = module.lora_dropout[adapter]
     else:
         a = draw_calibration_a(name, d_in, rank, seed).to(weight_device)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        dropout = None
     state = LayerStats.zeros(d_out, a.shape[0], device=weight_device, dtype=stats_dtype)
-    return LayerProbe(name, module, a, scale, state)
+    return LayerProbe(name, module, a, scale, state, lora_dropout=dropout)
 
 
 class ProbeSession:
@@ -130,6 +135,8 @@ class ProbeSession:
             self.model.train(self.train)
             for probe in self.probes:
                 self._handles.append(probe.module.register_forward_hook(self._forward_hook(probe)))
+                if probe.lora_dropout is not None:
+                    self._handles.append(probe.lora_dropout.register_forward_hook(_keep_dropped_input(probe)))
             checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
             if checkpointing and hasattr(self.model, "get_input_embeddings"):
                 # Reentrant checkpointing runs the first forward without grad; a checkpointed block
@@ -152,7 +159,7 @@ class ProbeSession:
             m.training = flag
         self._layouts = {}
         for probe in self.probes:
-            probe.calls = _Calls()
+            probe.calls, probe.dropped_x = _Calls(), None
 
     def set_batch(self, layout: SampleLayout, keep: torch.Tensor | None) -> None:
         """Tell the hooks which tokens form each sample of the batch about to be back-propagated;
@@ -202,6 +209,7 @@ class ProbeSession:
         d_out = probe.state.shape[0]
 
         def hook(module, args, output):
+            dropped_x, probe.dropped_x = probe.dropped_x, None
             x = args[0] if args else None
             if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
                 return None
@@ -209,7 +217,7 @@ class ProbeSession:
                 return None
             if not output.requires_grad:
                 output = _AttachToAnchor.apply(output, self._anchor)
-            h = probe.project(x.detach()).reshape(-1, probe.state.shape[1])
+            h = probe.project((x if dropped_x is None else dropped_x).detach()).reshape(-1, probe.state.shape[1])
 
             def on_grad(dy: torch.Tensor) -> None:
                 dy = dy.reshape(-1, d_out)
@@ -226,6 +234,15 @@ class ProbeSession:
             return output
 
         return hook
+
+
+def _keep_dropped_input(probe: LayerProbe):
+    """Forward hook on a LoRA layer's dropout: keep what its lora_A is about to see."""
+
+    def hook(module, args, output):
+        probe.dropped_x = output
+
+    return hook
 
 
 def _join_calls(probe: LayerProbe, pending: list, layouts: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -113,6 +113,37 @@ def test_existing_peft_model_uses_its_own_lora_a_and_scale():
     _assert_matches_oracle(result, grads)
 
 
+class _FeatureMask(torch.nn.Module):
+    """A deterministic stand-in for LoRA dropout: zeroes every third input feature."""
+
+    def forward(self, x):
+        mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+        mask[::3] = 0
+        return x * mask
+
+
+def test_peft_lora_dropout_input_is_what_lora_a_sees():
+    """In a PEFT model lora_A multiplies dropout(x), not x: masking the input is the same as
+    masking A's columns."""
+    from peft import LoraConfig, get_peft_model
+
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.up_proj"]
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=names, lora_dropout=0.0)
+    masked, plain = get_peft_model(tiny_llama(), config), get_peft_model(tiny_llama(), config)
+    for name in names:
+        masked_layer = masked.base_model.model.get_submodule(name)
+        masked_layer.lora_dropout["default"] = _FeatureMask()
+        with torch.no_grad():
+            plain.base_model.model.get_submodule(name).lora_A["default"].weight.copy_(
+                _FeatureMask()(masked_layer.lora_A["default"].weight))
+    data = batches_of(random_samples(5, seed=5), 5)
+    with_dropout = fimlora.calibrate(masked, data, train=True, progress=False)
+    reference = fimlora.calibrate(plain, data, progress=False)
+    for name in names:
+        torch.testing.assert_close(with_dropout.stats[name].m2, reference.stats[name].m2, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(with_dropout.stats[name].mean, reference.stats[name].mean, rtol=1e-5, atol=1e-10)
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("make_model", [tiny_llama, reused_layer_llama], ids=["llama", "reused-layer"])
 def test_gradient_checkpointing_gives_same_statistics(use_reentrant, make_model):
