@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="loss used for calibration (default: from the model's architecture)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    model.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+                       help="load the base model quantized by bitsandbytes (QLoRA); needs bitsandbytes")
     data = cal.add_argument_group("data")
     data.add_argument("--data", help=".txt/.jsonl/.csv/.tsv file, or a HF datasets name (default: built-in sentences)")
     data.add_argument("--text-column")
@@ -124,7 +126,7 @@ def _calibrate(args) -> int:
     from .adapter import apply_plan
     from .allocate import Budget
     from .calibrate import calibrate
-    from .modelio import load_model_and_tokenizer
+    from .modelio import check_quantization, load_model_and_tokenizer
     from .pipeline import check_allocation, make_plan
     from .targets import find_targets, layer_shape
 
@@ -134,6 +136,7 @@ def _calibrate(args) -> int:
         raise FileExistsError(f"--out {args.out} already exists; pass --overwrite or choose another --out")
     budget = Budget.parse(args.budget) if args.budget else Budget.mean_rank(args.rank)
     targets = _parse_targets(args.targets)
+    check_quantization(args.quantize)
     wanted = args.num_batches * args.batch_size * distributed.world_size()
     if args.data:
         examples = fdata.read_examples(args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
@@ -148,7 +151,8 @@ def _calibrate(args) -> int:
         args.device = f"cuda:{torch.cuda.current_device()}"
     model_dir = args.model or _default_model_dir()
     model, tokenizer, task = load_model_and_tokenizer(
-        model_dir, task=args.task, examples=examples, dtype=getattr(torch, args.dtype), device=args.device, seed=args.seed
+        model_dir, task=args.task, examples=examples, dtype=getattr(torch, args.dtype), device=args.device, seed=args.seed,
+        quantize=args.quantize,
     )
     check_allocation([layer_shape(m) for m in find_targets(model, targets).values()], base_rank=args.rank,
                      budget=budget, r_min=args.r_min, r_max=args.r_max, multiple_of=args.multiple_of,
@@ -166,6 +170,8 @@ def _calibrate(args) -> int:
                      multiple_of=args.multiple_of, temperature=args.temperature, alpha_policy=args.alpha_policy,
                      model_name=args.model or "all-MiniLM-L6-v2 (embedded)")
     plan.calibration["data"] = args.data or "built-in sentiment sentences"
+    if args.quantize:
+        plan.calibration["quantize"] = args.quantize
 
     if not leader:
         return 0  # every rank holds the same plan; one writes it

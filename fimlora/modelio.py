@@ -27,9 +27,39 @@ def _num_labels(examples: TextExamples) -> int:
     return len(set(examples.labels))
 
 
-def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExamples, dtype: torch.dtype, device: str, seed: int):
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+def check_quantization(quantize: str | None) -> None:
+    """Fail fast, before data or weights are read, on a quantization this install cannot do."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"--quantize {quantize} is not known; choose one of {', '.join(QUANTIZATIONS)}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"--quantize {quantize} needs bitsandbytes: pip install bitsandbytes") from error
+
+
+def quantization_config(quantize: str | None, dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for ``quantize`` (None: no quantization)."""
+    check_quantization(quantize)
+    if quantize is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype)
+
+
+def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExamples, dtype: torch.dtype, device: str,
+                             seed: int, quantize: str | None = None):
     """(model, tokenizer, task) from a local directory. A classification head that the checkpoint
-    lacks is initialised from ``seed``, as fine-tuning would."""
+    lacks is initialised from ``seed``, as fine-tuning would. With ``quantize`` the base linears
+    are loaded as bitsandbytes 4-bit (nf4/fp4) or 8-bit layers straight onto ``device`` (QLoRA's
+    base model); fimlora calibrates them as they are."""
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -44,6 +74,9 @@ def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExample
         task = _task_from_architectures(list(getattr(config, "architectures", None) or []))
         logger.info("task: %s (from the model's architecture)", task)
     kwargs = {"local_files_only": True, "dtype": dtype}
+    quantization = quantization_config(quantize, dtype)
+    if quantization is not None:  # quantized weights are placed by the loader and cannot be moved after
+        kwargs.update(quantization_config=quantization, device_map=device)
     torch.manual_seed(seed)
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -56,4 +89,6 @@ def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExample
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer, task
+    if quantization is None:
+        model = model.to(device)
+    return model.eval(), tokenizer, task

@@ -16,17 +16,27 @@ from fimlora.plan import RankPlan
 OUTPUTS = {"adapter_config.json", "adapter_model.safetensors", "fimlora_plan.json", "rank_map.png"}
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, request):
+def _save_tiny_llama(tmp_path_factory, request, **sizes):
     """A tiny Llama saved as a local model directory, with the embedded BERT tokenizer's vocabulary."""
     from transformers import AutoTokenizer
 
     minilm = request.getfixturevalue("minilm_dir")
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=48).save_pretrained(directory)
+    tiny_llama(vocab_size=tokenizer.vocab_size, max_position_embeddings=48, **sizes).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, request):
+    return _save_tiny_llama(tmp_path_factory, request)
+
+
+@pytest.fixture(scope="module")
+def quantizable_model_dir(tmp_path_factory, request):
+    """Wide enough for bitsandbytes' 4-bit CPU kernels (they tile features by 64)."""
+    return _save_tiny_llama(tmp_path_factory, request, hidden_size=64, intermediate_size=128)
 
 
 @pytest.fixture
@@ -182,3 +192,63 @@ def test_cli_under_accelerate_launch_matches_one_process(tiny_model_dir, text_fi
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--mpirun_hostfile", str(hostfile)]
     _launched_plan_matches_one_process(launcher, tiny_model_dir, text_file, tmp_path)
+
+
+def _dequantized_model_dir(model_dir, directory):
+    """The model as the nf4 loader quantizes it, saved back with its dequantized weights as plain
+    linears: the float model whose arithmetic the 4-bit layers perform."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fimlora.modelio import quantization_config
+
+    quantized = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization_config("nf4", torch.float32),
+                                                     device_map="cpu")
+    plain = AutoModelForCausalLM.from_pretrained(model_dir)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain.get_submodule(name).weight.data.copy_(weight)
+    plain.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_quantized_base_model(quantizable_model_dir, text_file, tmp_path, quantize):
+    """--quantize loads the base linears as bitsandbytes layers (QLoRA's base model); the adapter
+    written loads onto that quantized base with vanilla PEFT."""
+    pytest.importorskip("bitsandbytes", reason="--quantize needs bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from fimlora.modelio import quantization_config
+
+    common = ["--data", str(text_file), "--num-batches", "2", "--batch-size", "4", "--rank", "4", "--quiet"]
+    out = tmp_path / quantize
+    assert main(["calibrate", "--model", str(quantizable_model_dir), "--quantize", quantize, "--out", str(out), *common]) == 0
+    plan = RankPlan.load(out / "fimlora_plan.json")
+    assert plan.calibration["quantize"] == quantize and len(plan.layers) == 14
+    base = AutoModelForCausalLM.from_pretrained(quantizable_model_dir, quantization_config=quantization_config(quantize, torch.float32),
+                                                device_map="cpu")
+    loaded = PeftModel.from_pretrained(base, out)
+    for name, rank in plan.ranks.items():
+        if rank:
+            assert loaded.base_model.model.get_submodule(name).lora_A["default"].weight.shape[0] == rank
+    if quantize == "nf4":  # the same calibration on the float model with the dequantized weights
+        reference = tmp_path / "reference"
+        model_dir = _dequantized_model_dir(quantizable_model_dir, tmp_path / "dequantized")
+        assert main(["calibrate", "--model", str(model_dir), "--out", str(reference), *common]) == 0
+        expected = RankPlan.load(reference / "fimlora_plan.json")
+        # Not exact: on CPUs with AVX512-BF16, bitsandbytes computes an eval-mode 4-bit layer whose
+        # input needs no grad (the first targets here) with a bf16 kernel of its own.
+        worst = max(abs(b.score - a.score) / a.score for a, b in zip(expected.layers, plan.layers, strict=True))
+        print(f"--quantize nf4: worst relative score difference from the dequantized float model {worst:.1e}")
+        assert worst < 2e-2
+
+
+def test_quantize_without_bitsandbytes_fails_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # as if not installed
+    _fails(["calibrate", "--model", str(tmp_path / "never-read"), "--quantize", "nf4", "--out", str(tmp_path / "o")],
+           capsys, "pip install bitsandbytes")
+    assert not (tmp_path / "o").exists()
