@@ -17,7 +17,7 @@ from torch import nn
 
 from ._io import atomic_directory
 from .plan import RankPlan
-from .targets import is_linear_like, is_lora_layer, layer_shape
+from .targets import is_conv1d, is_linear_like, is_lora_layer, layer_shape
 
 logger = logging.getLogger("fimlora")
 
@@ -93,6 +93,8 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
     config.target_modules = [layer.name for layer in kept]
     config.rank_pattern = {pattern_key(layer.name): layer.rank for layer in kept}
     config.alpha_pattern = {pattern_key(layer.name): layer.alpha for layer in kept}
+    if model is not None and all(is_conv1d(model.get_submodule(layer.name)) for layer in kept):
+        config.fan_in_fan_out = True  # Conv1D stores its weight (d_in, d_out); PEFT needs to know
     return config
 
 

@@ -17,9 +17,21 @@ _PEFT_PREFIX = "base_model.model."
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and its kin): a linear layer whose weight is stored (d_in, d_out)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+    )
+
+
 def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear, or any module with integer in_features/out_features and a 2-D weight."""
-    if isinstance(module, nn.Linear):
+    """nn.Linear, transformers' Conv1D, or any module with integer in_features/out_features and a
+    2-D weight (PEFT's "all-linear" also takes Linear and Conv1D)."""
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     weight = getattr(module, "weight", None)
     return (
@@ -96,4 +108,6 @@ def layer_device(module: nn.Module) -> torch.device:
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of a linear-like or PEFT LoRA layer."""
+    if is_conv1d(module):
+        return int(module.weight.shape[0]), int(module.nf)
     return int(module.in_features), int(module.out_features)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 VOCAB = 96
 
@@ -24,6 +31,14 @@ def reused_layer_llama(seed: int = 0) -> LlamaForCausalLM:
     for index in (1, 2):
         model.model.layers[index] = model.model.layers[0]
     return model
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """GPT-2's linears are transformers' Conv1D, whose weight is stored (d_in, d_out)."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
 
 
 def tiny_bert(seed: int = 0, num_labels: int = 3) -> BertForSequenceClassification:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from models import batches_of, random_samples, tiny_bert, tiny_llama
+from models import batches_of, random_samples, tiny_bert, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel
 
 import fimlora
@@ -50,6 +50,24 @@ def test_one_call_get_peft_model_spends_the_uniform_budget():
         assert 2 <= layer.r["default"] <= 8  # r_min = r/2, r_max = 2r
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert trainable == used
+
+
+def test_conv1d_plan_builds_a_fan_in_fan_out_adapter(tmp_path, recwarn):
+    """GPT-2's Conv1D layers: PEFT is told fan_in_fan_out up front (no warning, no guessing), the
+    ranks land, and vanilla PEFT reloads the adapter with the same outputs."""
+    model = tiny_gpt2()
+    plan = _plan(model)
+    peft_model = apply_plan(model, plan, LoraConfig(lora_dropout=0.0))
+    assert peft_model.peft_config["default"].fan_in_fan_out is True
+    assert not [w for w in recwarn if "fan_in_fan_out" in str(w.message)]
+    layers = _lora_layers(peft_model)
+    assert {name: layer.r["default"] for name, layer in layers.items()} == {n: r for n, r in plan.ranks.items() if r}
+    _randomise_b(peft_model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    expected = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
 
 
 @pytest.mark.parametrize("policy", ["fixed_scale", "fixed_alpha", "rslora"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import batches_of, pad_batch, random_samples, reused_layer_llama, tiny_bert, tiny_llama
+from models import batches_of, pad_batch, random_samples, reused_layer_llama, tiny_bert, tiny_gpt2, tiny_llama
 from oracle import moments, oracle_grads, relative_error
 
 import fimlora
@@ -39,6 +39,17 @@ def test_llama_matches_float64_oracle(side):
     grads = oracle_grads(model, samples, list(result.stats), rank=RANK, alpha=ALPHA)
     worst = _assert_matches_oracle(result, grads)
     print(f"llama {side}-padded: worst relative error against float64 oracle {worst:.2e}")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gpt2_conv1d_layers_match_float64_oracle(side):
+    """transformers' Conv1D (weight stored transposed) is a linear target like any other."""
+    model = tiny_gpt2()
+    samples = random_samples(6, seed=1)
+    result = fimlora.calibrate(model, batches_of(samples, 3, side=side), rank=RANK, alpha=ALPHA, progress=False)
+    assert len(result.stats) == 8 and "transformer.h.0.attn.c_attn" in result.stats  # 4 Conv1D per block
+    assert result.stats["transformer.h.0.attn.c_attn"].shape == (96, RANK)  # d_out = 3 * hidden
+    _assert_matches_oracle(result, oracle_grads(model, samples, list(result.stats), rank=RANK, alpha=ALPHA))
 
 
 def test_llama_float64_statistics_are_exact():
