@@ -23,6 +23,8 @@ SCRIPTS = {
     "op_throughput.py": ("op_throughput_smoke.csv", set()),
     "calibration_overhead.py": ("calibration_overhead_smoke.csv", {"floor", "fimlora-torch", "peft", "bs1", "bmm"}),
     "memory_vs_fisher.py": ("memory_vs_fisher_smoke.csv", {"floor", "fimlora", "fisher"}),
+    "calibration_at_scale.py": ("calibration_at_scale_smoke.csv", {"floor", "fimlora", "full-fisher"}),
+    "tune_triton.py": ("tune_triton_smoke.csv", {"default"}),  # under TRITON_INTERPRET=1
 }
 
 
