@@ -46,9 +46,29 @@ def _with_position_ids(model: nn.Module, batch: dict) -> dict:
     """Left-padded rows need explicit positions, or their tokens sit at shifted positions and
     the gradients (of q/k projections under RoPE, of everything under absolute positions) change."""
     mask = batch.get("attention_mask")
-    if mask is None or "position_ids" in batch or bool(mask[:, 0].all()) or not _accepts(model, "position_ids"):
+    if mask is None or "position_ids" in batch or bool(mask[:, 0].all()):
+        return batch
+    if _is_encoder_decoder(model):
+        raise ValueError("left-padded batches are not supported for encoder-decoder models; pad on the right")
+    if not _accepts(model, "position_ids"):
         return batch
     return {**batch, "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0)}
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _stream_lengths(model: nn.Module, batch: dict, task: str | None) -> tuple[int, ...]:
+    """An encoder-decoder model's encoder and decoder row lengths, when its decoder reads a
+    sequence of its own (empty otherwise: the decoder then sees the encoder's tokens' layout)."""
+    if not _is_encoder_decoder(model):
+        return ()
+    decoder = batch.get("decoder_input_ids", batch.get("labels") if task == "seq2seq-lm" else None)
+    if decoder is None or decoder.dim() != 2:
+        return ()
+    return tuple(dict.fromkeys((batch["input_ids"].shape[1], decoder.shape[1])))
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:
@@ -118,7 +138,8 @@ def calibrate(
         data: a DataLoader or any iterable of dict batches with ``input_ids``, ``attention_mask``
             and (for seq-cls, optionally for causal-lm) ``labels``.
         targets: PEFT-style module names (suffix match), a regex (full match) or "all-linear".
-        task: "causal-lm" or "seq-cls"; inferred from the model class when None.
+        task: "causal-lm", "seq-cls" or "seq2seq-lm" (encoder-decoder models such as T5 and BART,
+            with ``labels`` holding the target ids); inferred from the model class when None.
         loss_fn: ``(model, batch) -> losses`` of shape (N,), one per sample, instead of ``task``.
         num_batches: how many batches to calibrate on.
         rank, alpha, use_rslora, seed: the calibration LoRA (scale alpha/rank or alpha/sqrt(rank)).
@@ -210,7 +231,7 @@ def run_probes(
             else:
                 losses, keep = model_losses(model, batch, task, layout)
             _check_losses(losses, layout.num_samples, index)
-            session.set_batch(layout, keep)
+            session.set_batch(layout, keep, _stream_lengths(model, batch, task))
             if not losses.requires_grad:
                 raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
             losses.sum().backward()

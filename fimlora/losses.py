@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .samples import SampleLayout
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = ("causal-lm", "seq-cls", "seq2seq-lm")
 IGNORE_INDEX = -100
 
 
@@ -46,6 +46,34 @@ def causal_lm_losses(
     return totals / counts.clamp(min=1), counts > 0
 
 
+def seq2seq_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of each decoder position against its label (no shift: the decoder input is
+    the labels shifted right), averaged over each sample's own labelled positions."""
+    counted = labels != IGNORE_INDEX
+    token_loss = F.cross_entropy(
+        _at_least_float32(logits).reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(labels.shape)
+    counts = counted.sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts > 0
+
+
+def decoder_inputs(model, batch: dict) -> dict:
+    """The batch with ``decoder_input_ids`` made from its labels (the model's own right shift)
+    when it has none: the model then never sees the labels, so it computes no loss of its own."""
+    if "labels" not in batch:
+        raise ValueError("seq2seq-lm calibration needs a 'labels' entry (the target token ids, -100 for padding)")
+    if "decoder_input_ids" in batch:
+        return batch
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise ValueError(f"{type(base).__name__} cannot make decoder_input_ids from labels; put them in the batch")
+    return {**batch, "decoder_input_ids": prepare(labels=batch["labels"])}
+
+
 def seq_cls_losses(logits: torch.Tensor, labels: torch.Tensor, problem_type: str | None = None):
     """Cross-entropy per sample; squared error when there is one output (regression)."""
     logits = _at_least_float32(logits)
@@ -60,28 +88,34 @@ def seq_cls_losses(logits: torch.Tensor, labels: torch.Tensor, problem_type: str
 
 
 def infer_task(model) -> str:
-    """causal-lm or seq-cls from the model class (looking through a PEFT wrapper)."""
+    """causal-lm, seq-cls or seq2seq-lm from the model class (looking through a PEFT wrapper)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cls = type(base).__name__
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "causal-lm"
     if cls.endswith("ForSequenceClassification"):
         return "seq-cls"
+    if cls.endswith("ForConditionalGeneration") and getattr(base.config, "is_encoder_decoder", False):
+        return "seq2seq-lm"
     raise ValueError(
-        f"cannot tell the task of a {cls}; pass task='causal-lm' or task='seq-cls', "
+        f"cannot tell the task of a {cls}; pass task='causal-lm', 'seq-cls' or 'seq2seq-lm', "
         "or loss_fn=(model, batch) -> per-sample losses of shape (N,)"
     )
 
 
 def model_losses(model, batch: dict, task: str, layout: SampleLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the model on ``batch`` (without letting it reduce the loss) and return per-sample losses."""
-    if task == "seq-cls" and layout.packed:
+    if task != "causal-lm" and layout.packed:
         raise ValueError("packed rows (several samples in one row) are supported for causal-lm only")
     if task == "seq-cls" and "labels" not in batch:
         raise ValueError("seq-cls calibration needs a 'labels' entry in every batch")
+    if task == "seq2seq-lm":
+        batch = decoder_inputs(model, batch)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits
     labels = batch.get("labels")
+    if task == "seq2seq-lm":
+        return seq2seq_losses(logits, labels)
     if task == "causal-lm":
         if labels is None:
             labels = batch["input_ids"]

@@ -70,6 +70,11 @@ def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExample
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"--model {model_dir} is not a directory; give a local transformers model directory")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    if task == "auto" and getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"--model {model_dir} is an encoder-decoder (seq2seq) model; the command line takes no target texts: "
+            "calibrate it from Python with fimlora.calibrate(model, batches, task='seq2seq-lm'), or pass --task seq-cls"
+        )
     if task == "auto":
         task = _task_from_architectures(list(getattr(config, "architectures", None) or []))
         logger.info("task: %s (from the model's architecture)", task)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from .samples import SampleLayout, row_segments
+from .samples import SampleLayout, row_segments, whole_rows
 from .stats import LayerStats
 from .targets import is_lora_layer, layer_device, layer_shape
 
@@ -161,14 +161,23 @@ class ProbeSession:
         for probe in self.probes:
             probe.calls, probe.dropped_x = _Calls(), None
 
-    def set_batch(self, layout: SampleLayout, keep: torch.Tensor | None) -> None:
+    def set_batch(self, layout: SampleLayout, keep: torch.Tensor | None, row_lengths: tuple[int, ...] = ()) -> None:
         """Tell the hooks which tokens form each sample of the batch about to be back-propagated;
-        samples with ``keep`` False (no loss) are left out."""
+        samples with ``keep`` False (no loss) are left out.
+
+        ``row_lengths`` (encoder-decoder models: the encoder's and the decoder's lengths) makes
+        every row of each length one sample, padding included: a layer's positions then say
+        which stream it is in, and padding positions get no gradient in either stream.
+        """
         segments = layout.segments if keep is None else layout.segments[keep]
         self._layouts = {layout.index.numel(): segments}
+        n = layout.index.shape[0]
+        for length in row_lengths:
+            rows = whole_rows(n, length, device=segments.device)
+            self._layouts[n * length] = rows if keep is None else rows[keep]
         if not layout.packed:  # one sample per row: a pooled layer's rows are its samples
-            rows = row_segments(layout.index.shape[0], device=segments.device)
-            self._layouts.setdefault(layout.index.shape[0], rows if keep is None else rows[keep])
+            rows = row_segments(n, device=segments.device)
+            self._layouts.setdefault(n, rows if keep is None else rows[keep])
         self._in_backward = True
 
     def finish_batch(self) -> None:

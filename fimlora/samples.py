@@ -85,3 +85,9 @@ def row_segments(num_rows: int, device=None) -> torch.Tensor:
     """Segments for layers that see one position per row (after pooling): row i is [i, i+1)."""
     rows = torch.arange(num_rows, device=device)
     return torch.stack([rows, rows + 1], dim=1)
+
+
+def whole_rows(num_rows: int, length: int, device=None) -> torch.Tensor:
+    """Segments that make each row of ``length`` positions one sample: row i is [i*L, (i+1)*L)."""
+    starts = torch.arange(num_rows, device=device) * length
+    return torch.stack([starts, starts + length], dim=1)

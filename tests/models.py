@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import torch
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 VOCAB = 96
@@ -78,3 +82,41 @@ def pad_batch(samples, *, side: str = "right", causal: bool = True) -> dict[str,
 
 def batches_of(samples, size: int, **kwargs) -> list[dict[str, torch.Tensor]]:
     return [pad_batch(samples[i : i + size], **kwargs) for i in range(0, len(samples), size)]
+
+
+def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=VOCAB, d_model=32, d_ff=48, num_layers=2, num_heads=4, d_kv=8, pad_token_id=0,
+                      decoder_start_token_id=0, dropout_rate=0.0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def tiny_bart(seed: int = 0) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, dropout=0.0,
+                        attention_dropout=0.0, activation_dropout=0.0)
+    return BartForConditionalGeneration(config).eval()
+
+
+def seq2seq_samples(n: int, *, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(source ids, target ids)] with varied lengths on both sides (ids avoid 0-2)."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda low, high: torch.randint(3, VOCAB, (int(torch.randint(low, high, (1,), generator=g)),), generator=g)  # noqa: E731
+    return [(draw(3, 10), draw(2, 8)) for _ in range(n)]
+
+
+def seq2seq_batches(samples, size: int) -> list[dict[str, torch.Tensor]]:
+    """Right-padded sources (attention_mask) and targets (labels, -100 where padded)."""
+    batches = []
+    for i in range(0, len(samples), size):
+        chunk = samples[i : i + size]
+        source_length, target_length = max(len(s) for s, _ in chunk), max(len(t) for _, t in chunk)
+        ids = torch.zeros(len(chunk), source_length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full((len(chunk), target_length), -100)
+        for row, (source, target) in enumerate(chunk):
+            ids[row, : len(source)], mask[row, : len(source)], labels[row, : len(target)] = source, 1, target
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return batches

@@ -20,6 +20,11 @@ def per_sample_loss(model, input_ids, label, task):
         # no KV cache, as in calibration (a decoder layer reused in one forward would append to its own cache)
         logits = model(input_ids=input_ids[None], use_cache=False).logits[0]
         return F.cross_entropy(logits[:-1], input_ids[1:])  # mean over this sample's own tokens
+    if task == "seq2seq-lm":  # label: the target ids; the decoder reads them shifted right, the model's own way
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder_input_ids = base.prepare_decoder_input_ids_from_labels(labels=label[None])
+        logits = model(input_ids=input_ids[None], decoder_input_ids=decoder_input_ids).logits[0]
+        return F.cross_entropy(logits, label)
     logits = model(input_ids=input_ids[None]).logits[0]
     return F.cross_entropy(logits[None], label.view(1))
 

@@ -152,7 +152,7 @@ def test_bad_settings_fail_before_any_work(kwargs, message):
 
 
 def test_unknown_task_of_a_plain_module_asks_for_task_or_loss_fn():
-    with pytest.raises(ValueError, match="pass task='causal-lm' or task='seq-cls'"):
+    with pytest.raises(ValueError, match="pass task='causal-lm', 'seq-cls' or 'seq2seq-lm'"):
         fimlora.calibrate(torch.nn.Sequential(torch.nn.Linear(3, 3)), [], progress=False)
 
 
