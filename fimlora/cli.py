@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     model = cal.add_argument_group("model")
     model.add_argument("--model", help=f"local model directory (default: all-MiniLM-L6-v2 from the {DEFAULT_MODEL_PACKAGE} package)")
-    model.add_argument("--task", choices=["auto", "causal-lm", "seq-cls"], default="auto",
+    model.add_argument("--task", choices=["auto", "causal-lm", "seq-cls", "seq2seq-lm"], default="auto",
                        help="loss used for calibration (default: from the model's architecture)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--text-column")
     data.add_argument("--text-pair-column", help="second text of pair tasks (e.g. sentence2)")
     data.add_argument("--label-column")
+    data.add_argument("--target-column", help="target text of seq2seq-lm examples (encoder-decoder models)")
     data.add_argument("--split", default="train", help="split of a HF dataset")
     data.add_argument("--num-batches", type=_positive_int, default=8)
     data.add_argument("--batch-size", type=_positive_int, default=8)
@@ -140,7 +141,7 @@ def _calibrate(args) -> int:
     wanted = args.num_batches * args.batch_size * distributed.world_size()
     if args.data:
         examples = fdata.read_examples(args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                                       label_column=args.label_column, split=args.split,
+                                       label_column=args.target_column or args.label_column, split=args.split,
                                        limit=None if args.shuffle else wanted)
     else:
         examples = fdata.builtin_examples()
@@ -178,7 +179,7 @@ def _calibrate(args) -> int:
 
     from peft import LoraConfig
 
-    base_config = LoraConfig(task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS")
+    base_config = LoraConfig(task_type={"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq-lm": "SEQ_2_SEQ_LM"}[task])
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
         peft_model = apply_plan(model, plan, base_config)
         peft_model.save_pretrained(str(tmp))

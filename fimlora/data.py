@@ -20,7 +20,7 @@ import torch
 
 logger = logging.getLogger("fimlora")
 
-TASKS = ("causal-lm", "seq-cls")
+TASKS = ("causal-lm", "seq-cls", "seq2seq-lm")
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv", ".tsv")
 _DEFAULT_TEXT_COLUMNS = ("text", "sentence", "sentence1")
 _BUILTIN_FILE = "builtin_sentiment.jsonl"
@@ -244,7 +244,8 @@ def encode_examples(
     """Tokenise each example into 1-D LongTensors `input_ids`, `attention_mask` and `labels`.
 
     Sequences are truncated to min(max_length, model_max_length). For "causal-lm" the labels are a
-    copy of input_ids; for "seq-cls" they are scalars (class ids, or floats for regression).
+    copy of input_ids; for "seq-cls" they are scalars (class ids, or floats for regression); for
+    "seq2seq-lm" they are the token ids of the example's target text (its label column).
     `token_type_ids` is included too when the tokenizer declares it as a model input (BERT pairs).
     """
     if task not in TASKS:
@@ -253,6 +254,7 @@ def encode_examples(
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     # Labels first, so a bad label column fails before any tokenising.
     labels = _label_ids(examples.labels, label_names) if task == "seq-cls" else None
+    targets = _target_texts(examples.labels) if task == "seq2seq-lm" else None
     limit = max_length if model_max_length is None else min(max_length, model_max_length)
     # BERT-style pair models need segment ids; models that do not declare them would reject them.
     with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
@@ -273,16 +275,26 @@ def encode_examples(
         else:
             logger.info("%d of %d examples were truncated to max_length=%d tokens", cut, len(examples), limit)
 
+    if targets is not None:
+        labels = tokenizer(text_target=targets, truncation=True, max_length=limit)["input_ids"]
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
     features = []
     for i in range(len(examples)):
         feature = {key: torch.tensor(encoded[key][i], dtype=torch.long) for key in keys}
-        if labels is None:
+        if targets is not None:
+            feature["labels"] = torch.tensor(labels[i], dtype=torch.long)
+        elif labels is None:
             feature["labels"] = feature["input_ids"].clone()
         else:
             feature["labels"] = torch.tensor(labels[i], dtype=torch.float32 if isinstance(labels[i], float) else torch.long)
         features.append(feature)
     return features
+
+
+def _target_texts(targets: list | None) -> list[str]:
+    if targets is None or any(target is None or str(target) == "" for target in targets):
+        raise ValueError("task 'seq2seq-lm' needs a target text for every example; name the target column (--target-column)")
+    return [str(target) for target in targets]
 
 
 def _label_ids(labels: list | None, label_names: Sequence | None) -> list[int] | list[float]:
@@ -314,7 +326,8 @@ def _label_ids(labels: list | None, label_names: Sequence | None) -> list[int] |
 
 def collate(features: list[dict], *, pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
     """Pad 1-D features into one batch: input_ids with pad_token_id, masks and type ids with 0,
-    per-token labels with -100 (ignored by the loss); scalar labels are stacked."""
+    per-token labels with -100 (ignored by the loss) to the longest labels (a seq2seq target can
+    be longer or shorter than its source); scalar labels are stacked."""
     if not features:
         raise ValueError("collate needs at least one feature")
     if padding_side not in ("left", "right"):
@@ -326,10 +339,16 @@ def collate(features: list[dict], *, pad_token_id: int, padding_side: str = "rig
         if key == "labels" and values[0].dim() == 0:
             batch[key] = torch.stack(values)
             continue
-        if any(value.shape != feature["input_ids"].shape for value, feature in zip(values, features, strict=True)):
+        if key == "labels":
+            if any(value.dim() != 1 for value in values):
+                raise ValueError("collate: per-token labels must be 1-D")
+            size = max(value.numel() for value in values)
+        elif any(value.shape != feature["input_ids"].shape for value, feature in zip(values, features, strict=True)):
             raise ValueError(f"collate: every {key!r} must be 1-D and as long as its input_ids")
+        else:
+            size = length
         fill = pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
-        paddings = [value.new_full((length - value.numel(),), fill) for value in values]
+        paddings = [value.new_full((size - value.numel(),), fill) for value in values]
         pieces = zip(paddings, values, strict=True) if padding_side == "left" else zip(values, paddings, strict=True)
         batch[key] = torch.stack([torch.cat(pair) for pair in pieces])
     return batch

@@ -63,6 +63,7 @@ def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExample
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
@@ -70,14 +71,13 @@ def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExample
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"--model {model_dir} is not a directory; give a local transformers model directory")
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    if task == "auto" and getattr(config, "is_encoder_decoder", False):
-        raise ValueError(
-            f"--model {model_dir} is an encoder-decoder (seq2seq) model; the command line takes no target texts: "
-            "calibrate it from Python with fimlora.calibrate(model, batches, task='seq2seq-lm'), or pass --task seq-cls"
-        )
     if task == "auto":
-        task = _task_from_architectures(list(getattr(config, "architectures", None) or []))
+        task = "seq2seq-lm" if getattr(config, "is_encoder_decoder", False) else _task_from_architectures(
+            list(getattr(config, "architectures", None) or []))
         logger.info("task: %s (from the model's architecture)", task)
+    if task == "seq2seq-lm" and examples.labels is None:  # before any weight is read
+        raise ValueError(f"--model {model_dir} is an encoder-decoder (seq2seq) model: name the data's target text "
+                         "column with --target-column")
     kwargs = {"local_files_only": True, "dtype": dtype}
     quantization = quantization_config(quantize, dtype)
     if quantization is not None:  # quantized weights are placed by the loader and cannot be moved after
@@ -85,6 +85,8 @@ def load_model_and_tokenizer(model_dir: str, *, task: str, examples: TextExample
     torch.manual_seed(seed)
     if task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    elif task == "seq2seq-lm":
+        model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, **kwargs)
     else:
         is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
         num_labels = config.num_labels if is_classifier else _num_labels(examples)

@@ -344,9 +344,19 @@ def test_collate_errors():
     with pytest.raises(ValueError, match="at least one feature"):
         collate([], pad_token_id=0)
     bad = feature([1, 2])
-    bad["labels"] = torch.tensor([1])
+    bad["attention_mask"] = torch.tensor([1])
     with pytest.raises(ValueError, match="as long as its input_ids"):
         collate([bad], pad_token_id=0)
+
+
+def test_collate_seq2seq_targets_pad_to_their_own_length():
+    short = {"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
+             "labels": torch.tensor([9])}
+    long = {"input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long),
+            "labels": torch.tensor([10, 11, 12, 13])}
+    batch = collate([short, long], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[9, -100, -100, -100], [10, 11, 12, 13]]
 
 
 def test_make_batches_count_and_num_batches():
