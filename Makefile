@@ -38,8 +38,10 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/fimlora calibrate --out fimlora_out/demo --overwrite
 
+# pytest's own script, not `python -m pytest`: that would put the checkout on sys.path and make
+# its kernels/ folder importable as the unrelated PyPI package `kernels` (DESIGN §4).
 test: $(VENV)/.dev-installed
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check fimlora kernels tests benchmarks setup.py

@@ -43,7 +43,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run within min(LIMIT_S, time left), lo
 FIMLORA_BUILD_EXT=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
   step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
 $PY -m fimlora.cli env >> "$RUN/env.txt" 2>&1
-step gpu_tests 150 $PY -m pytest -q -x -m "gpu or interpreter or ext" -p no:cacheprovider \
+step gpu_tests 150 $PY -P -m pytest -q -x -m "gpu or interpreter or ext" -p no:cacheprovider \
   tests/test_op.py tests/test_triton_kernel.py tests/test_ext.py
 step at_scale 200 $PY benchmarks/calibration_at_scale.py
 cp benchmarks/results/calibration_at_scale_cuda.csv "$RUN/" 2>/dev/null

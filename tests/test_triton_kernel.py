@@ -295,3 +295,25 @@ def test_backend_module(kernel):
         moments(op_oracle(dy, h, segments, 1.0)),
         2e-5,
     )
+
+
+def test_kernels_folder_is_only_fimlora_kernels(tmp_path):
+    """DESIGN §4: the repository's kernels/ is installed as fimlora._kernels and never shadows the
+    PyPI package named `kernels` (which bitsandbytes and transformers import), neither in a fresh
+    process outside the checkout nor in this test process."""
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ours = Path(__file__).resolve().parents[1] / "kernels"
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or Path(spec.origin or "").parent != ours, (
+        f"`kernels` resolves to {spec.origin}: run `pytest` (as `make test` does), not `python -m pytest` "
+        "from the checkout's root, which puts the checkout itself on sys.path")
+    probe = ("import importlib.util, fimlora._kernels as k; s = importlib.util.find_spec('kernels'); "
+             "print(k.__name__, None if s is None else s.origin)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    name, origin = done.stdout.split()
+    assert name == "fimlora._kernels" and (origin == "None" or Path(origin).parent != ours), done.stdout
