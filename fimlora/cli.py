@@ -206,12 +206,30 @@ def run_show(args) -> int:
     return 0
 
 
+_OPTIONAL_PACKAGES = ("accelerate", "bitsandbytes", "triton")
+
+
+def _installed_version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def run_env(args) -> int:
     from .backends import available_backends
     from .pipeline import library_versions
 
     for package, version in library_versions().items():
         print(f"{package:>14}: {version}")
+    for package in _OPTIONAL_PACKAGES:  # what bug reports about launchers and quantized models need
+        print(f"{package:>14}: {_installed_version(package)}")
+    import torch
+
+    cuda = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "none"
+    print(f"{'cuda devices':>14}: {cuda}")
     for name, (ok, reason) in available_backends().items():
         print(f"{'backend ' + name:>14}: {'available' if ok else 'unavailable'} ({reason})")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import metadata
 
 import pytest
 import torch
@@ -145,6 +146,7 @@ def test_env_lists_backends(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     assert "backend torch: available" in out and "peft" in out
+    assert f"accelerate: {metadata.version('accelerate')}" in out and "cuda devices:" in out
 
 
 def _launched_plan_matches_one_process(launcher, model_dir, text_file, tmp_path):
