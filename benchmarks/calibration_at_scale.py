@@ -88,17 +88,20 @@ def measure(name: str, run, device: str) -> dict:
         synchronize(device)
     except torch.OutOfMemoryError as error:
         return {"method": name, "status": "oom", "error": str(error).splitlines()[0][:200]}
+    except Exception as error:  # a backend that fails here must not cost the other measurements
+        return {"method": name, "status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() - before if on_gpu else None
     return {"method": name, "status": "ok", "seconds": seconds, "peak_extra_bytes": peak}
 
 
-def methods(model, batches, *, rank: int, train: bool, fisher: bool) -> dict:
+def methods(model, batches, *, rank: int, train: bool, fisher: bool, backend: str) -> dict:
     def calibrate():
-        fimlora.calibrate(model, batches, num_batches=len(batches), rank=rank, train=train, progress=False)
+        fimlora.calibrate(model, batches, num_batches=len(batches), rank=rank, train=train, backend=backend,
+                          progress=False)
 
     def full_fisher():
-        fimlora.full_fisher(model, batches, num_batches=len(batches), progress=False)
+        fimlora.full_fisher(model, batches, num_batches=len(batches), backend=backend, progress=False)
 
     chosen = {"floor": lambda: floor_pass(model, batches, "causal-lm"), "fimlora": calibrate}
     if fisher:
@@ -106,11 +109,19 @@ def methods(model, batches, *, rank: int, train: bool, fisher: bool) -> dict:
     return chosen
 
 
-def run_point(model, batches, *, label: str, rank: int, train: bool, fisher: bool, repeats: int, device: str) -> list[dict]:
-    """Every method once to warm up, then ``repeats`` rounds taking turns; the median pass."""
-    contenders = methods(model, batches, rank=rank, train=train, fisher=fisher)
-    for name, run in contenders.items():
-        measure(name, run, device)
+def run_point(model, batches, *, label: str, rank: int, train: bool, fisher: bool, repeats: int, device: str,
+              backend: str = "auto") -> list[dict]:
+    """Every method once to warm up, then ``repeats`` rounds taking turns; the median pass. When
+    the chosen backend fails in the warm-up, the point is measured with the torch backend instead
+    (and says so), so that one broken kernel does not cost the run."""
+    contenders = methods(model, batches, rank=rank, train=train, fisher=fisher, backend=backend)
+    warmup = {name: measure(name, run, device) for name, run in contenders.items()}
+    failed = {name: r["error"] for name, r in warmup.items() if r["status"] == "error" and name != "floor"}
+    if failed and backend != "torch":
+        print(f"{label}: backend {backend!r} failed ({failed}); measuring with backend 'torch' instead")
+        rows = run_point(model, batches, label=label, rank=rank, train=train, fisher=fisher, repeats=repeats,
+                         device=device, backend="torch")
+        return [{**row, "note": f"backend {backend!r} failed: {failed.get(row['method'], '')}"} for row in rows]
     records: dict[str, list[dict]] = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, run in contenders.items():
@@ -119,9 +130,10 @@ def run_point(model, batches, *, label: str, rank: int, train: bool, fisher: boo
     rows = []
     for name, results in records.items():
         ok = [r for r in results if r["status"] == "ok"]
-        row = {"point": label, "method": name, "N": n, "L": length, "batches": len(batches)}
+        row = {"point": label, "method": name, "N": n, "L": length, "batches": len(batches), "backend": backend}
         if len(ok) < len(results):
-            rows.append({**row, "status": "oom", "note": next(r["error"] for r in results if r["status"] != "ok")})
+            bad = next(r for r in results if r["status"] != "ok")
+            rows.append({**row, "status": bad["status"], "note": bad["error"]})
             continue
         seconds = sorted(r["seconds"] for r in ok)[len(ok) // 2]
         peak = max((r["peak_extra_bytes"] or 0) for r in ok) if device.startswith("cuda") else None
@@ -169,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fisher-n", type=int, default=1, help="samples per batch of the full-Fisher point")
     parser.add_argument("--fisher-batches", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8, help="calibration rank")
+    parser.add_argument("--backend", default="auto", help="accumulate backend (falls back to torch if it fails)")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds after one warm-up round")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--no-fisher", action="store_true")
@@ -191,7 +204,7 @@ def main(argv=None) -> int:
     to_device = lambda batches: [{k: v.to(args.device) for k, v in b.items()} for b in batches]  # noqa: E731
     batches = to_device(token_batches(args.n, args.length, args.batches, vocab))
     rows = run_point(model, batches, label="main", rank=args.rank, train=checkpointing, fisher=False,
-                     repeats=args.repeats, device=args.device)
+                     repeats=args.repeats, device=args.device, backend=args.backend)
     if not args.no_fisher:
         # full_fisher runs the model as it is: without checkpointing, at a batch its statistics leave room for
         if checkpointing:
@@ -199,11 +212,11 @@ def main(argv=None) -> int:
             model.eval()
         fisher_batches = to_device(token_batches(args.fisher_n, args.length, args.fisher_batches, vocab, seed=1))
         rows += run_point(model, fisher_batches, label="fisher", rank=args.rank, train=False, fisher=True,
-                          repeats=1, device=args.device)
+                          repeats=1, device=args.device, backend=args.backend)
     for row in rows:
         row.update(model=args.model, params=weights, dtype=str(dtype).removeprefix("torch."),
                    checkpointing=checkpointing and row["point"] == "main")
-    print_table(rows, ["point", "method", "N", "L", "batches", "status", "pass_s", "step_s", "x_floor_time",
+    print_table(rows, ["point", "method", "backend", "N", "L", "batches", "status", "pass_s", "step_s", "x_floor_time",
                        "peak_extra_GiB", "over_floor_GiB"])
     for line in verdicts(rows, full_size=full_size):
         print(line)

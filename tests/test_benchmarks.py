@@ -104,3 +104,16 @@ def test_isolated_runs_in_a_fresh_process_and_gives_up_on_time():
     isolated = Isolated()
     assert isolated.run(sleeper, {"seconds": 0}, timeout=60) == {"status": "ok", "slept": 0}
     assert isolated.run(sleeper, {"seconds": 30}, timeout=1)["status"] == "timeout"
+
+
+def test_calibration_at_scale_falls_back_when_a_backend_fails(capsys):
+    """On the GPU a kernel that has never run there may fail: the point is then measured with the
+    torch backend and says why, instead of the run losing its measurements."""
+    import calibration_at_scale
+
+    assert calibration_at_scale.main(["--smoke", "--backend", "no-such-backend", "--no-fisher"]) == 0
+    out = capsys.readouterr().out
+    assert "measuring with backend 'torch' instead" in out
+    rows = list(csv.DictReader((RESULTS / "calibration_at_scale_smoke.csv").open()))
+    assert {r["backend"] for r in rows} == {"torch"} and all("no-such-backend" in r["note"] for r in rows)
+    assert {r["method"]: r["status"] for r in rows} == {"floor": "ok", "fimlora": "ok"}
