@@ -203,8 +203,16 @@ def main(argv=None) -> int:
     vocab = model.config.vocab_size
     to_device = lambda batches: [{k: v.to(args.device) for k, v in b.items()} for b in batches]  # noqa: E731
     batches = to_device(token_batches(args.n, args.length, args.batches, vocab))
+    name = "calibration_at_scale_smoke.csv" if args.smoke else f"calibration_at_scale_{args.device.split(':')[0]}.csv"
+    extra = dict(model=args.model, params=weights, dtype=str(dtype).removeprefix("torch."), **environment(args.device))
+
+    def save(rows: list[dict]) -> Path:  # after every point: a run cut short keeps what it measured
+        return write_csv([{**row, **extra, "checkpointing": checkpointing and row["point"] == "main"} for row in rows],
+                         name)
+
     rows = run_point(model, batches, label="main", rank=args.rank, train=checkpointing, fisher=False,
                      repeats=args.repeats, device=args.device, backend=args.backend)
+    path = save(rows)
     if not args.no_fisher:
         # full_fisher runs the model as it is: without checkpointing, at a batch its statistics leave room for
         if checkpointing:
@@ -213,17 +221,11 @@ def main(argv=None) -> int:
         fisher_batches = to_device(token_batches(args.fisher_n, args.length, args.fisher_batches, vocab, seed=1))
         rows += run_point(model, fisher_batches, label="fisher", rank=args.rank, train=False, fisher=True,
                           repeats=1, device=args.device, backend=args.backend)
-    for row in rows:
-        row.update(model=args.model, params=weights, dtype=str(dtype).removeprefix("torch."),
-                   checkpointing=checkpointing and row["point"] == "main")
+        path = save(rows)
     print_table(rows, ["point", "method", "backend", "N", "L", "batches", "status", "pass_s", "step_s", "x_floor_time",
                        "peak_extra_GiB", "over_floor_GiB"])
     for line in verdicts(rows, full_size=full_size):
         print(line)
-    env = environment(args.device)
-    for row in rows:
-        row.update(env)
-    path = write_csv(rows, "calibration_at_scale_smoke.csv" if args.smoke else f"calibration_at_scale_{args.device.split(':')[0]}.csv")
     print(f"wrote {path}")
     return 0
 

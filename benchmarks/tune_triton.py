@@ -53,6 +53,19 @@ def variants(d_out: int, r: int, n: int, smoke: bool) -> list[dict]:
     return [{}, *grid]
 
 
+WARPS = (2, 4, 8, 16)
+TOP = 3  # tile variants whose warps are swept in the second stage
+
+
+def with_warps(rows: list[dict], smoke: bool) -> list[dict]:
+    """The second stage: the fastest tile variants again with every warp count."""
+    if smoke:
+        return [{"block_d": 16, "block_r": 16, "block_t": 16, "num_splits": 1, "num_warps": 2}]
+    timed = sorted((row for row in rows if "ms" in row and row["method"] != DEFAULT), key=lambda row: row["ms"])
+    keys = ("block_d", "block_r", "block_t", "num_splits")
+    return [{**{key: row[key] for key in keys}, "num_warps": warps} for row in timed[:TOP] for warps in WARPS]
+
+
 def bench(fn, device: str, smoke: bool) -> float:
     """Median milliseconds of ``fn``."""
     if smoke or not device.startswith("cuda"):
@@ -67,35 +80,48 @@ def bench(fn, device: str, smoke: bool) -> float:
     return do_bench(fn, warmup=5, rep=30, return_mode="median")
 
 
-def sweep_shape(shape, *, device: str, smoke: bool, copy_gbs: float | None) -> list[dict]:
-    from fimlora._kernels.accumulate import accumulate_sample_stats
+class ShapeSweep:
+    """One shape's inputs, its default result, and the measuring of variants on it."""
 
-    n, length, d_out, r, dtype_name = shape
-    dy, h, segments = inputs(n, length, d_out, r, DTYPES[dtype_name], device)
-    read_bytes = dy.numel() * dy.element_size() + h.numel() * h.element_size()
+    def __init__(self, shape, *, device: str, smoke: bool, copy_gbs: float | None):
+        self.shape, self.device, self.smoke, self.copy_gbs = shape, device, smoke, copy_gbs
+        n, length, d_out, r, dtype_name = shape
+        self.dy, self.h, self.segments = inputs(n, length, d_out, r, DTYPES[dtype_name], device)
+        self.read_bytes = self.dy.numel() * self.dy.element_size() + self.h.numel() * self.h.element_size()
+        self.reference_m2 = self.run({})[1]
 
-    def run(variant: dict):
-        mean = torch.zeros(d_out, r, device=device)
-        m2 = torch.zeros(d_out, r, device=device)
-        accumulate_sample_stats(dy, h, segments, 1.0, 0, mean, m2, **variant)
+    def run(self, variant: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        from fimlora._kernels.accumulate import accumulate_sample_stats
+
+        d_out, r = self.shape[2], self.shape[3]
+        mean = torch.zeros(d_out, r, device=self.device)
+        m2 = torch.zeros(d_out, r, device=self.device)
+        accumulate_sample_stats(self.dy, self.h, self.segments, 1.0, 0, mean, m2, **variant)
         return mean, m2
 
-    reference = run({})
-    rows = []
-    for variant in variants(d_out, r, n, smoke):
+    def measure(self, variant: dict) -> dict:
+        n, length, d_out, r, dtype_name = self.shape
         label = DEFAULT if not variant else "d{block_d} r{block_r} t{block_t} s{num_splits}".format(**variant)
+        if "num_warps" in variant:
+            label += f" w{variant['num_warps']}"
         row = {"N": n, "L": length, "d_out": d_out, "r": r, "dtype": dtype_name, "method": label, **variant}
         try:
-            mean, m2 = run(variant)
+            m2 = self.run(variant)[1]
         except Exception as error:  # a tile the compiler rejects (shared memory, registers): recorded, not fatal
-            rows.append({**row, "status": "error", "reason": str(error).splitlines()[0][:160]})
-            continue
-        scale = max(float(reference[1].abs().max()), 1e-30)
-        rows.append({**row, "status": "ok", "max_rel_diff": float((m2 - reference[1]).abs().max()) / scale})
-        milliseconds = bench(lambda variant=variant: run(variant), device, smoke)
-        gbs = read_bytes / (milliseconds / 1e3) / 1e9
-        rows[-1].update(ms=round(milliseconds, 4), GBps=round(gbs, 1),
-                        of_copy=round(gbs / copy_gbs, 3) if copy_gbs else "")
+            return {**row, "status": "error", "reason": str(error).splitlines()[0][:160]}
+        scale = max(float(self.reference_m2.abs().max()), 1e-30)
+        milliseconds = bench(lambda: self.run(variant), self.device, self.smoke)
+        gbs = self.read_bytes / (milliseconds / 1e3) / 1e9
+        return {**row, "status": "ok", "max_rel_diff": float((m2 - self.reference_m2).abs().max()) / scale,
+                "ms": round(milliseconds, 4), "GBps": round(gbs, 1),
+                "of_copy": round(gbs / self.copy_gbs, 3) if self.copy_gbs else ""}
+
+
+def sweep_shape(shape, *, device: str, smoke: bool, copy_gbs: float | None) -> list[dict]:
+    """Tiles and splits first, then the fastest few again with every warp count."""
+    sweep = ShapeSweep(shape, device=device, smoke=smoke, copy_gbs=copy_gbs)
+    rows = [sweep.measure(variant) for variant in variants(shape[2], shape[3], shape[0], smoke)]
+    rows += [sweep.measure(variant) for variant in with_warps(rows, smoke)]
     default_ms = next((row["ms"] for row in rows if row["method"] == DEFAULT and "ms" in row), None)
     for row in rows:
         if "ms" in row and default_ms:
@@ -119,10 +145,13 @@ def main(argv=None) -> int:
     copy_gbs = copy_bandwidth(args.device) if args.device.startswith("cuda") else None
     if copy_gbs:
         print(f"measured copy bandwidth: {copy_gbs:.0f} GB/s")
+    env = environment(args.device)
+    name = "tune_triton_smoke.csv" if args.smoke else "tune_triton_gpu.csv"
     rows = []
-    for shape in shapes:
-        found = sweep_shape(shape, device=args.device, smoke=args.smoke, copy_gbs=copy_gbs)
+    for shape in shapes:  # the CSV is rewritten after every shape: a run cut short keeps what it measured
+        found = [{**row, **env} for row in sweep_shape(shape, device=args.device, smoke=args.smoke, copy_gbs=copy_gbs)]
         rows += found
+        path = write_csv(rows, name)
         timed = [row for row in found if "ms" in row]
         best = min(timed, key=lambda row: row["ms"])
         default = next(row for row in timed if row["method"] == DEFAULT)
@@ -134,10 +163,6 @@ def main(argv=None) -> int:
     errors = [r for r in rows if r["status"] == "ok" and r["max_rel_diff"] > 1e-3]
     if errors:
         print(f"{len(errors)} variant(s) disagree with the default's statistics (max relative diff > 1e-3)")
-    env = environment(args.device)
-    for row in rows:
-        row.update(env)
-    path = write_csv(rows, "tune_triton_smoke.csv" if args.smoke else "tune_triton_gpu.csv")
     print(f"wrote {path}")
     return 1 if errors else 0
 

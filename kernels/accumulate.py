@@ -294,6 +294,7 @@ def accumulate_sample_stats(
     block_r: int | None = None,
     block_t: int | None = None,
     num_splits: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Fold the per-sample gradients G_n = scale * dy[seg_n]^T h[seg_n] into (mean, m2) in place.
 
@@ -309,6 +310,8 @@ def accumulate_sample_stats(
         block_d, block_r, block_t: tile sizes (powers of two >= 16); default from a small table.
         num_splits: how many contiguous shares the samples are split into for parallelism;
             default fills the GPU (1 or 2 under the interpreter).
+        num_warps: warps per program (1, 2, 4, 8 or 16); default 8 for 64 x 64 state tiles and
+            larger, else 4.
 
     Raises:
         ValueError: naming the offending argument when a shape, dtype, device or range is wrong.
@@ -322,6 +325,8 @@ def accumulate_sample_stats(
         isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1
     ):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
 
     n_samples = segments.shape[0]
     d_out, r = mean.shape
@@ -385,7 +390,7 @@ def accumulate_sample_stats(
         DOT_FP32=dot_fp32,
         IN_PLACE=in_place,
         # Three fp32 BLOCK_D x BLOCK_R register tiles: spread the largest over 8 warps.
-        num_warps=8 if block_d * block_r >= 64 * 64 else 4,
+        num_warps=num_warps or (8 if block_d * block_r >= 64 * 64 else 4),
     )
     if not in_place:
         _merge_splits_(ws_mean, ws_m2, n_samples, per_split, count, mean, m2)

@@ -266,6 +266,7 @@ def _bad_calls():
         "block_r not pow2": ({"block_r": 24}, "block_r"),
         "block_t too small": ({"block_t": 8}, "block_t"),
         "num_splits zero": ({"num_splits": 0}, "num_splits"),
+        "num_warps 3": ({"num_warps": 3}, "num_warps"),
     }
     return good, cases
 
@@ -275,7 +276,7 @@ def test_input_validation(kernel, case):
     good, cases = _bad_calls()
     change, word = cases[case]
     arguments = {**good, **change}
-    blocks = {key: arguments.pop(key) for key in ("block_r", "block_t", "num_splits") if key in arguments}
+    blocks = {key: arguments.pop(key) for key in ("block_r", "block_t", "num_splits", "num_warps") if key in arguments}
     with pytest.raises(ValueError, match=word):
         kernel(*arguments.values(), **blocks)
 
