@@ -138,10 +138,12 @@ class ProbeSession:
                 if probe.lora_dropout is not None:
                     self._handles.append(probe.lora_dropout.register_forward_hook(_keep_dropped_input(probe)))
             checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
-            if checkpointing and hasattr(self.model, "get_input_embeddings"):
+            repacking = any(_repacks_without_input_grad(m) for m in self.model.modules())
+            if (checkpointing or repacking) and hasattr(self.model, "get_input_embeddings"):
                 # Reentrant checkpointing runs the first forward without grad; a checkpointed block
                 # is only re-run in backward if its input requires grad (what transformers'
-                # enable_input_require_grads does).
+                # enable_input_require_grads does). Inputs that need grad also keep layers that
+                # rewrite their weights for inference from doing so during calibration.
                 embeddings = self.model.get_input_embeddings()
                 self._handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         except BaseException:
@@ -243,6 +245,13 @@ class ProbeSession:
             return output
 
         return hook
+
+
+def _repacks_without_input_grad(module: nn.Module) -> bool:
+    """bitsandbytes' 4-bit linear repacks its weight in place, for a CPU inference kernel, when
+    called in eval mode on an input that needs no grad (seen with bitsandbytes 0.50 on CPUs with
+    AVX512-BF16); calibration must leave the model as it found it."""
+    return any(cls.__name__ == "Linear4bit" for cls in type(module).__mro__)
 
 
 def _keep_dropped_input(probe: LayerProbe):

@@ -79,3 +79,30 @@ def test_bitsandbytes_layers_are_calibrated_as_they_are(kind):
     layer = model.model.layers[0].mlp.up_proj
     assert type(layer.weight) is weight_type and layer.weight.dtype in (torch.uint8, torch.int8), \
         "the quantized weight must stay quantized"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_calibration_leaves_4bit_weights_as_they_were():
+    """bitsandbytes repacks a 4-bit weight in place when an eval-mode call's input needs no grad
+    (on CPUs with AVX512-BF16): with every linear quantized, the first ones see such inputs. The
+    calibration must neither trigger that nor measure the repacked kernel's arithmetic."""
+    model = tiny_llama(**SIZES)
+    for layer in model.model.layers:
+        for module in (layer.self_attn, layer.mlp):
+            for name, child in list(module.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(module, name, _quantized(child, "nf4"))
+    before = {name: p.data.clone() for name, p in model.named_parameters()}
+    samples = random_samples(6, seed=5)
+    result = fimlora.calibrate(model, batches_of(samples, 3), rank=4, alpha=8.0, progress=False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.data, before[name]), f"{name} was changed by the calibration"
+    assert not any(getattr(getattr(p, "quant_state", None), "packing_format_for_cpu", False)
+                   for p in model.parameters())
+    plain = tiny_llama(**SIZES)
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain.get_submodule(name).weight.data.copy_(weight)
+    grads = oracle_grads(plain, samples, list(result.stats), rank=4, alpha=8.0)
+    assert _worst_error(result, grads) < 2e-5
