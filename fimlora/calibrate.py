@@ -215,10 +215,14 @@ def run_probes(
 ) -> tuple[int, int, int]:
     """Run every batch forward and backward with ``probes`` hooked in; returns (batches, samples,
     tokens) seen on this rank. The probes' states hold the statistics afterwards."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("calibration was called inside torch.inference_mode(), where no gradient can flow; "
+                           "call it outside that block")
     device = _input_device(model)
     samples = tokens = done = 0
     session = ProbeSession(model, probes, granularity=granularity, backend=backend, train=train)
-    with _progress_bar(total, progress and distributed.rank() == 0, desc) as bar, session:
+    # gradients are the measurement: on even inside a caller's torch.no_grad()
+    with torch.enable_grad(), _progress_bar(total, progress and distributed.rank() == 0, desc) as bar, session:
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             layout = sample_layout(batch)

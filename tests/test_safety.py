@@ -42,6 +42,26 @@ def test_model_is_bit_identical_after_calibration():
     _assert_untouched(model, before)
 
 
+def test_calibration_inside_no_grad_measures_all_the_same():
+    """Evaluation code often runs under torch.no_grad(); calibration turns gradients back on."""
+    data = batches_of(random_samples(6), 3)
+    expected = fimlora.calibrate(tiny_llama(), data, progress=False)
+    model = tiny_llama()
+    before = _snapshot(model)
+    with torch.no_grad():
+        result = fimlora.calibrate(model, data, progress=False)
+        assert not torch.is_grad_enabled()
+    _assert_untouched(model, before)
+    for name, stats in expected.stats.items():
+        torch.testing.assert_close(result.stats[name].m2, stats.m2, rtol=1e-6, atol=0)
+
+
+def test_inference_mode_is_refused_with_the_reason():
+    model = tiny_llama()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        fimlora.calibrate(model, batches_of(random_samples(2), 2), progress=False)
+
+
 def test_model_is_restored_when_the_loss_raises_midway():
     model = _mixed_state_model()
     before = _snapshot(model)
