@@ -18,7 +18,7 @@ from .losses import TASKS, infer_task, model_losses
 from .probe import LayerProbe, ProbeSession, make_probe
 from .samples import sample_layout
 from .stats import GRANULARITIES, SCORES, LayerStats
-from .targets import find_targets, layer_device, layer_shape, plan_name
+from .targets import find_targets, layer_device, layer_shape, plan_name, unwrap_model
 
 logger = logging.getLogger("fimlora")
 
@@ -148,8 +148,7 @@ def calibrate(
         backend: accumulate backend, see ``fimlora.backends``.
         train: run in train mode (dropout on) instead of eval mode.
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module  # DDP adds nothing to a forward whose parameters are all frozen
+    model = unwrap_model(model)
     if loss_fn is None and task is None:
         task = infer_task(model)
     _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype)

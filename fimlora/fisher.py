@@ -31,7 +31,7 @@ from .calibrate import LossFn, _input_device, _take_batches, run_probes
 from .losses import TASKS, infer_task
 from .probe import LayerProbe
 from .stats import LayerStats
-from .targets import find_targets, layer_device, layer_shape, plan_name
+from .targets import find_targets, layer_device, layer_shape, plan_name, unwrap_model
 
 
 def full_fisher(
@@ -57,11 +57,12 @@ def full_fisher(
         data: an iterable of dict batches with ``input_ids``, ``attention_mask`` (and ``labels``).
         targets: PEFT-style module names (suffix match), a regex (full match) or "all-linear".
         num_batches: how many batches to use.
-        task: "causal-lm" or "seq-cls"; inferred from the model class when None.
+        task: "causal-lm", "seq-cls" or "seq2seq-lm"; inferred from the model class when None.
         loss_fn: ``(model, batch) -> losses`` of shape (N,), one per sample, instead of ``task``.
         backend: accumulate backend, see ``fimlora.backends``.
         progress: show a progress bar.
     """
+    model = unwrap_model(model)
     if loss_fn is None and task is None:
         task = infer_task(model)
     if loss_fn is None and task not in TASKS:

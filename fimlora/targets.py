@@ -47,6 +47,19 @@ def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "scaling") and hasattr(module, "base_layer")
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The eager model inside DDP and torch.compile wrappers: DDP adds nothing to a forward whose
+    parameters are all frozen, and a compiled graph would trace (and break on) the probe's hooks;
+    calibration's few batches gain nothing from compilation."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def plan_name(name: str) -> str:
     """The module's name relative to the base model (without PEFT, FSDP or checkpoint wrappers)."""
     for part in _WRAPPER_PARTS:

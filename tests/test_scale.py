@@ -81,3 +81,15 @@ def test_quantized_wrapper_layers_are_calibrated_in_place():
     assert "model.layers.0.mlp.up_proj" in result.stats
     _close(fimlora.calibrate(reference, data, num_batches=2, progress=False), result)
     assert quantized.model.layers[0].mlp.up_proj.weight.dtype == torch.int8  # nothing was dequantized for good
+
+
+def test_compiled_model_is_calibrated_through_its_eager_module():
+    """torch.compile wraps the model; the probe needs eager hooks, and a few calibration batches
+    gain nothing from compiling, so the eager module inside is calibrated (names without _orig_mod)."""
+    data = batches_of(random_samples(6, seed=12), 3)
+    eager = tiny_llama()
+    compiled = torch.compile(eager)
+    _close(fimlora.calibrate(tiny_llama(), data, num_batches=2, progress=False),
+           fimlora.calibrate(compiled, data, num_batches=2, progress=False))
+    fisher = fimlora.full_fisher(compiled, data, num_batches=1, progress=False)
+    assert "model.layers.0.mlp.up_proj" in fisher
