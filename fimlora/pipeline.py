@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -48,6 +49,19 @@ def check_allocation(
              multiple_of=multiple_of, temperature=temperature)
 
 
+def _warn_if_scores_cannot_rank(scores: Mapping[str, float], score: str, samples: int | None) -> None:
+    """Equal scores (a variance over fewer than 2 samples is 0 everywhere) give uniform ranks:
+    say so instead of passing a uniform adapter off as an allocation."""
+    values = list(scores.values())
+    if len(values) < 2 or max(values) != min(values):
+        return
+    hint = ""
+    if score == "variance" and samples is not None and samples < 2:
+        hint = f"; a variance needs at least 2 samples and this calibration saw {samples}"
+    warnings.warn(f"every layer has the same {score} score ({values[0]:.3g}), so the ranks are uniform{hint}",
+                  stacklevel=3)
+
+
 def make_plan(
     result: CalibrationResult,
     *,
@@ -76,6 +90,7 @@ def make_plan(
     names = list(result.stats)
     shapes = [result.shapes[name] for name in names]
     scores = result.scores(score)
+    _warn_if_scores_cannot_rank(scores, score, result.settings.get("samples"))
     total, costs = budget.resolve(shapes)
     ranks = allocate(
         [scores[name] for name in names], total, costs=costs, r_min=r_min, r_max=r_max,

@@ -159,3 +159,10 @@ def test_one_call_accepts_a_dataset_of_tokenised_examples():
     from_batches = get_peft_model(tiny_llama(), batches_of(samples, 4), config, num_batches=2, progress=False)
     assert from_rows.fimlora_plan.ranks == from_batches.fimlora_plan.ranks
     assert from_rows.fimlora_plan.calibration["samples"] == 8
+
+
+def test_a_single_sample_plan_says_why_it_is_uniform():
+    result = fimlora.calibrate(tiny_llama(), batches_of(random_samples(1), 1), progress=False)
+    with pytest.warns(UserWarning, match="at least 2 samples"):
+        plan = make_plan(result, base_rank=4)
+    assert set(plan.ranks.values()) == {4}
