@@ -19,7 +19,7 @@ from _memory import Skip  # noqa: E402
 
 import fimlora  # noqa: E402
 from fimlora import LayerStats  # noqa: E402
-from fimlora.calibrate import _accepts, _with_position_ids  # noqa: E402  (the batch exactly as calibrate feeds it)
+from fimlora.calibrate import ModelFeed  # noqa: E402  (the batch exactly as calibrate feeds it)
 from fimlora.losses import IGNORE_INDEX, model_losses, seq_cls_losses  # noqa: E402
 from fimlora.samples import sample_layout  # noqa: E402
 from fimlora.targets import find_targets, plan_name  # noqa: E402
@@ -79,10 +79,7 @@ def build(spec: dict) -> Workload:
 
 def model_inputs(model: nn.Module, batch: dict) -> dict:
     """The batch as fimlora.calibrate feeds it to the model (positions for left padding, no KV cache)."""
-    batch = _with_position_ids(model, batch)
-    if _accepts(model, "use_cache"):
-        batch = {**batch, "use_cache": False}
-    return batch
+    return ModelFeed.for_model(model).prepare(batch)
 
 
 def batch_losses(model: nn.Module, batch: dict, task: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,41 +42,53 @@ class CalibrationResult:
         return {name: s.score(score) for name, s in self.stats.items()}
 
 
-def _with_position_ids(model: nn.Module, batch: dict) -> dict:
-    """Left-padded rows need explicit positions, or their tokens sit at shifted positions and
-    the gradients (of q/k projections under RoPE, of everything under absolute positions) change."""
-    mask = batch.get("attention_mask")
-    if mask is None or "position_ids" in batch or bool(mask[:, 0].all()):
+@dataclass(frozen=True)
+class ModelFeed:
+    """How batches are fed to one model: read once from its forward's signature and its config,
+    not per batch."""
+
+    takes_position_ids: bool
+    takes_use_cache: bool
+    encoder_decoder: bool
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> ModelFeed:
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+        return cls(
+            takes_position_ids="position_ids" in parameters or any_keyword,
+            takes_use_cache="use_cache" in parameters or any_keyword,
+            encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        )
+
+    def prepare(self, batch: dict) -> dict:
+        """The batch as the model gets it. Left-padded rows need explicit positions, or their tokens
+        sit at shifted positions and the gradients (of q/k under RoPE, of everything under absolute
+        positions) change. No KV cache: it costs memory, and transformers only isolates packed
+        rows without one."""
+        mask = batch.get("attention_mask")
+        if mask is not None and "position_ids" not in batch and not bool(mask[:, 0].all()):
+            if self.encoder_decoder:
+                raise ValueError("left-padded batches are not supported for encoder-decoder models; pad on the right")
+            if self.takes_position_ids:
+                batch = {**batch, "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0)}
+        if self.takes_use_cache and "use_cache" not in batch:
+            batch = {**batch, "use_cache": False}
         return batch
-    if _is_encoder_decoder(model):
-        raise ValueError("left-padded batches are not supported for encoder-decoder models; pad on the right")
-    if not _accepts(model, "position_ids"):
-        return batch
-    return {**batch, "position_ids": (mask.long().cumsum(dim=1) - 1).clamp(min=0)}
 
-
-def _is_encoder_decoder(model: nn.Module) -> bool:
-    config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
-    return bool(getattr(config, "is_encoder_decoder", False))
-
-
-def _stream_lengths(model: nn.Module, batch: dict, task: str | None) -> tuple[int, ...]:
-    """An encoder-decoder model's encoder and decoder row lengths, when its decoder reads a
-    sequence of its own (empty otherwise: the decoder then sees the encoder's tokens' layout)."""
-    if not _is_encoder_decoder(model):
-        return ()
-    decoder = batch.get("decoder_input_ids", batch.get("labels") if task == "seq2seq-lm" else None)
-    if decoder is None or decoder.dim() != 2:
-        return ()
-    return tuple(dict.fromkeys((batch["input_ids"].shape[1], decoder.shape[1])))
-
-
-def _accepts(model: nn.Module, argument: str) -> bool:
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    def stream_lengths(self, batch: dict, task: str | None) -> tuple[int, ...]:
+        """An encoder-decoder's encoder and decoder row lengths, when its decoder reads a sequence
+        of its own (empty otherwise: the decoder then sees the encoder's tokens' layout)."""
+        if not self.encoder_decoder:
+            return ()
+        decoder = batch.get("decoder_input_ids", batch.get("labels") if task == "seq2seq-lm" else None)
+        if decoder is None or decoder.dim() != 2:
+            return ()
+        return tuple(dict.fromkeys((batch["input_ids"].shape[1], decoder.shape[1])))
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -218,6 +230,7 @@ def run_probes(
         raise RuntimeError("calibration was called inside torch.inference_mode(), where no gradient can flow; "
                            "call it outside that block")
     device = _input_device(model)
+    feed = ModelFeed.for_model(model)
     samples = tokens = done = 0
     session = ProbeSession(model, probes, granularity=granularity, backend=backend, train=train)
     # gradients are the measurement: on even inside a caller's torch.no_grad()
@@ -225,16 +238,13 @@ def run_probes(
         for index, batch in enumerate(batches):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             layout = sample_layout(batch)
-            batch = _with_position_ids(model, batch)
-            if "use_cache" not in batch and _accepts(model, "use_cache"):
-                # no KV cache: it costs memory, and transformers only isolates packed rows without one
-                batch["use_cache"] = False
+            batch = feed.prepare(batch)
             if loss_fn is not None:
                 losses, keep = loss_fn(model, batch), None
             else:
                 losses, keep = model_losses(model, batch, task, layout)
             _check_losses(losses, layout.num_samples, index)
-            session.set_batch(layout, keep, _stream_lengths(model, batch, task))
+            session.set_batch(layout, keep, feed.stream_lengths(batch, task))
             if not losses.requires_grad:
                 raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
             losses.sum().backward()

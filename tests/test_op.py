@@ -136,13 +136,10 @@ def test_stable_when_the_mean_dwarfs_the_spread(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_return_grad_and_batch_granularity(backend):
+def test_batch_granularity(backend):
     _need(backend)
     dy, h, seg = _case(16, 10, 3, [[0, 5], [6, 11], [11, 16]])
     grads = op_oracle(dy, h, seg, 0.25)
-    state = LayerStats.zeros(10, 3)
-    total = backends.accumulate(dy, h, seg, 0.25, state, backend=backend, return_grad=True)
-    assert relative_error(total, grads.sum(0)) < 1e-5
     per_batch = LayerStats.zeros(10, 3)
     for _ in range(2):
         backends.accumulate(dy, h, seg, 0.25, per_batch, backend=backend, granularity="batch")

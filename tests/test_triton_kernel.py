@@ -11,6 +11,7 @@ import pytest
 import torch
 from oracle import moments, op_oracle
 
+from fimlora import backends
 from fimlora.backends import _triton
 from fimlora.stats import LayerStats
 
@@ -287,9 +288,7 @@ def test_backend_module(kernel):
     assert _triton.name == "triton"
     dy, h, segments = make_inputs(6, 2, torch.float32)
     state = LayerStats.zeros(6, 2, device=DEVICE)
-    with pytest.raises(ValueError, match="granularity"):
-        _triton.accumulate(dy, h, segments, 1.0, state, granularity="batch")
-    _triton.accumulate(dy, h, segments.int().cpu(), 1.0, state)  # int32 on the host is converted
+    backends.accumulate(dy, h, segments.cpu(), 1.0, state, backend="triton")  # host ranges are moved to dy's device
     assert state.count == len(SEGMENTS)
     assert_moments(
         stats_moments(state.count, state.mean, state.m2),

@@ -19,6 +19,7 @@ lazily and never raise on ``import fimlora``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -44,7 +45,14 @@ def _module(name: str):
 
 
 def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
-    """Whether backend ``name`` can run (on ``device``, when given), and why (not)."""
+    """Whether backend ``name`` can run (on ``device``, when given), and why (not). Cached per
+    (name, device): dispatch asks once per layer and batch, and the answer does not change
+    within a process."""
+    return _status(name, None if device is None else torch.device(device))
+
+
+@functools.cache
+def _status(name: str, device: torch.device | None) -> tuple[bool, str]:
     module = _module(name)
     if isinstance(module, ImportError):
         return False, f"backend module missing from this install ({module})"
@@ -106,8 +114,8 @@ def summed_grad(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale
     """sum_n G_n = scale * sum over every token in a segment of dy_t h_t^T, in float32 (d_out, r)."""
     t = dy.shape[0]
     edges = torch.zeros(t + 1, device=dy.device)
-    edges.index_add_(0, segments[:, 0].to(dy.device), torch.ones(segments.shape[0], device=dy.device))
-    edges.index_add_(0, segments[:, 1].to(dy.device), -torch.ones(segments.shape[0], device=dy.device))
+    edges.index_add_(0, segments[:, 0], torch.ones(segments.shape[0], device=dy.device))
+    edges.index_add_(0, segments[:, 1], -torch.ones(segments.shape[0], device=dy.device))
     in_a_sample = edges.cumsum(0)[:t] > 0
     weighted_h = h.float() * in_a_sample[:, None]
     return dy.float().T @ weighted_h * scale
@@ -122,21 +130,18 @@ def accumulate(
     *,
     granularity: str = "sample",
     backend: str | None = None,
-    return_grad: bool = False,
-) -> torch.Tensor | None:
+) -> None:
     """Fold the per-sample B gradients of one batch into ``state`` in place (see module doc).
 
     With ``granularity="batch"`` the batch contributes one observation, the gradient of its mean
-    per-sample loss. With ``return_grad`` the summed gradient sum_n G_n (what a training step on
-    B would use) is returned as a float32 (d_out, r) tensor.
+    per-sample loss. Every backend gets int64 segments on dy's device and per-sample granularity.
     """
     check_inputs(dy, h, segments, state)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not known; use one of {GRANULARITIES}")
-    total = summed_grad(dy, h, segments, scale) if (return_grad or granularity == "batch") else None
+    segments = segments.to(dy.device)  # the kernels read the ranges where dy is; a no-op when there
     if granularity == "batch":
         if segments.shape[0]:
-            state.update_((total / segments.shape[0])[None])
-    else:
-        _module(resolve_backend(backend, dy.device, dy.dtype)).accumulate(dy, h, segments, scale, state, granularity="sample")
-    return total if return_grad else None
+            state.update_((summed_grad(dy, h, segments, scale) / segments.shape[0])[None])
+        return
+    _module(resolve_backend(backend, dy.device, dy.dtype)).accumulate(dy, h, segments, scale, state)

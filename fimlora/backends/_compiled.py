@@ -26,21 +26,8 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
     return ok, reason
 
 
-def accumulate(
-    dy: torch.Tensor,
-    h: torch.Tensor,
-    segments: torch.Tensor,
-    scale: float,
-    state: LayerStats,
-    *,
-    granularity: str = "sample",
-) -> None:
-    if granularity != "sample":
-        raise ValueError(f"the {name} backend folds per-sample gradients only; got granularity={granularity!r}")
-    ok, reason = available(dy.device)
-    if not ok:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}")
-    if segments.device != dy.device:  # the kernels read the ranges on dy's device
-        segments = segments.to(dy.device)
+def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats) -> None:
+    """Fold the per-sample gradients of one batch into ``state`` (inputs and availability checked
+    by the dispatcher)."""
     torch.ops.fimlora.accumulate_sample_stats(dy, h, segments, float(scale), state.count, state.mean, state.m2)
     state.count += segments.shape[0]

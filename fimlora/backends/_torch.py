@@ -16,10 +16,8 @@ def available(device=None) -> tuple[bool, str]:
     return True, "plain PyTorch, always available"
 
 
-def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats, *,
-               granularity: str = "sample") -> None:
-    if granularity != "sample":
-        raise ValueError("backends only see granularity='sample'; the dispatcher handles 'batch'")
+def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats) -> None:
+    """Fold the per-sample gradients of one batch into ``state`` (inputs checked by the dispatcher)."""
     compute = state.mean.dtype
     bounds = segments.tolist()
     grads = torch.empty(len(bounds), dy.shape[1], h.shape[1], dtype=compute, device=dy.device)

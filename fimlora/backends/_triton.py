@@ -15,9 +15,6 @@ from ..stats import LayerStats
 
 name = "triton"
 
-_INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
-
-
 def available(device=None) -> tuple[bool, str]:
     """Whether the kernels can run here, and why (never raises)."""
     try:
@@ -36,25 +33,10 @@ def available(device=None) -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
 
 
-def accumulate(
-    dy: torch.Tensor,
-    h: torch.Tensor,
-    segments: torch.Tensor,
-    scale: float,
-    state: LayerStats,
-    *,
-    granularity: str = "sample",
-) -> None:
-    """Fold the per-sample gradients of one batch into ``state`` in place (see the dispatcher)."""
-    if granularity != "sample":
-        # The dispatcher turns "batch" into a sample-level call; nothing else may reach here.
-        raise ValueError(f"the triton backend only takes granularity='sample', got {granularity!r}")
+def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats) -> None:
+    """Fold the per-sample gradients of one batch into ``state`` (inputs checked by the dispatcher)."""
     # Imported here so that importing fimlora never needs triton.
     from fimlora._kernels.accumulate import accumulate_sample_stats
 
-    if segments.dtype in _INTEGER_DTYPES:
-        segments = segments.to(torch.int64)
-    if segments.device != dy.device:
-        segments = segments.to(dy.device)
     accumulate_sample_stats(dy, h, segments, scale, state.count, state.mean, state.m2)
     state.count += segments.shape[0]
