@@ -99,8 +99,7 @@ def plan_from_ranks(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], s
     layers = [LayerPlan(name=n, d_in=shapes[n][0], d_out=shapes[n][1], rank=r, alpha=BASE_ALPHA * r / BASE_RANK,
                         score=float((scores or {}).get(n, 0.0))) for n, r in ranks.items()]
     total, _ = Budget.mean_rank(BASE_RANK).resolve(list(shapes.values()))
-    used = sum(lp.params for lp in layers)
-    return RankPlan(layers=layers, budget={"kind": "mean_rank", "value": float(BASE_RANK), "total": total, "used": used},
+    return RankPlan(layers=layers, budget={"kind": "mean_rank", "value": float(BASE_RANK), "total": total},
                     base_rank=BASE_RANK, base_alpha=BASE_ALPHA, alpha_policy="fixed_scale",
                     calibration={"score": label}, versions={})
 

@@ -253,7 +253,7 @@ def encode_examples(
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
     # Labels first, so a bad label column fails before any tokenising.
-    labels = _label_ids(examples.labels, label_names) if task == "seq-cls" else None
+    labels = label_ids(examples.labels, label_names) if task == "seq-cls" else None
     targets = _target_texts(examples.labels) if task == "seq2seq-lm" else None
     limit = max_length if model_max_length is None else min(max_length, model_max_length)
     # BERT-style pair models need segment ids; models that do not declare them would reject them.
@@ -297,7 +297,7 @@ def _target_texts(targets: list | None) -> list[str]:
     return [str(target) for target in targets]
 
 
-def _label_ids(labels: list | None, label_names: Sequence | None) -> list[int] | list[float]:
+def label_ids(labels: list | None, label_names: Sequence | None) -> list[int] | list[float]:
     """Turn raw labels into class ids (or floats for regression) for sequence classification."""
     if labels is None or any(label is None for label in labels):
         raise ValueError("task 'seq-cls' needs a label for every example; name the label column (--label-column)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .data import TextExamples
+from .data import TextExamples, label_ids
 
 logger = logging.getLogger("fimlora")
 
@@ -20,11 +20,9 @@ def _task_from_architectures(architectures: list[str]) -> str:
 
 
 def _num_labels(examples: TextExamples) -> int:
-    if examples.labels is None:
-        raise ValueError("a sequence-classification calibration needs labels; pass --label-column (or --task causal-lm)")
-    if all(isinstance(label, float) for label in examples.labels):
-        return 1  # regression
-    return len(set(examples.labels))
+    """Classes the head needs for the ids that encoding will give these labels (1: regression)."""
+    ids = label_ids(examples.labels, None)
+    return 1 if isinstance(ids[0], float) else max(ids) + 1
 
 
 QUANTIZATIONS = ("nf4", "fp4", "int8")

@@ -104,7 +104,6 @@ def make_plan(
         )
         for name, (d_in, d_out), rank in zip(names, shapes, ranks, strict=True)
     ]
-    used = sum(rank * cost for rank, cost in zip(ranks, costs, strict=True))
     calibration = {
         **result.settings, "score": score, "r_min": r_min, "r_max": r_max,
         "multiple_of": multiple_of, "temperature": temperature,
@@ -113,7 +112,7 @@ def make_plan(
         calibration["model"] = model_name
     return RankPlan(
         layers=layers,
-        budget={**budget.to_dict(), "total": int(total), "used": int(used)},
+        budget={**budget.to_dict(), "total": int(total)},
         base_rank=base_rank, base_alpha=base_alpha, alpha_policy=alpha_policy,
         calibration=calibration, versions=library_versions(),
     )

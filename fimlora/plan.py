@@ -32,7 +32,7 @@ BUDGET_KINDS = ("mean_rank", "rank", "params")
 _PLAN_KEYS = ("format_version", "alpha_policy", "base_rank", "base_alpha", "budget", "calibration",
               "versions", "layers")
 _LAYER_KEYS = ("name", "d_in", "d_out", "rank", "alpha", "score", "stats")
-_BUDGET_KEYS = ("kind", "value", "total", "used")
+_BUDGET_KEYS = ("kind", "value", "total")  # files also carry "used", derived from the layers when written
 _INDEX = re.compile(r"[0-9]+")
 
 
@@ -63,7 +63,7 @@ class RankPlan:
     """Per-layer ranks plus everything needed to reproduce and audit them."""
 
     layers: list[LayerPlan]
-    budget: dict[str, Any]  # {"kind", "value", "total", "used"}; total/used count parameters
+    budget: dict[str, Any]  # {"kind", "value", "total"}; total in the kind's unit (ranks for "rank", else parameters)
     base_rank: int  # the uniform rank r the budget was derived from
     base_alpha: float
     alpha_policy: str  # one of ALPHA_POLICIES
@@ -86,10 +86,17 @@ class RankPlan:
         """Trainable LoRA parameters summed over all layers."""
         return sum(lp.params for lp in self.layers)
 
+    @property
+    def budget_used(self) -> int:
+        """What the layers spend of the budget, in its unit: the sum of ranks for a "rank"
+        budget, trainable parameters otherwise. Derived, so a plan edited by hand stays true."""
+        return sum(lp.rank for lp in self.layers) if self.budget["kind"] == "rank" else self.total_params
+
     def to_dict(self) -> dict[str, Any]:
         """A deep-copied, JSON-shaped dict (not validated; see :meth:`validate`)."""
         # Free-form dicts are key-sorted so that plan files diff cleanly between runs.
         top = {k: _sorted(getattr(self, k)) for k in _PLAN_KEYS if k != "layers"}
+        top["budget"] = {**top["budget"], "used": self.budget_used}  # for readers of the file
         layers = [{**dataclasses.asdict(lp), "stats": _sorted(lp.stats)} for lp in self.layers]
         return copy.deepcopy({**top, "layers": layers})
 
@@ -162,10 +169,11 @@ class RankPlan:
         return "\n".join(lines)
 
     def _budget_summary(self) -> str:
-        """Parameters used vs the budget total, and the alpha policy (table footer, plot title)."""
-        total = int(self.budget.get("total", 0))
-        pct = f"{100.0 * self.total_params / total:.1f}%" if total > 0 else "n/a"
-        return f"params {self.total_params:,} / {total:,} budget ({pct}) | alpha policy {self.alpha_policy}"
+        """Budget used vs its total in the budget's unit, and the alpha policy (table footer, plot title)."""
+        total, used = int(self.budget.get("total", 0)), self.budget_used
+        unit = "ranks" if self.budget["kind"] == "rank" else "params"
+        pct = f"{100.0 * used / total:.1f}%" if total > 0 else "n/a"
+        return f"{unit} {used:,} / {total:,} budget ({pct}) | alpha policy {self.alpha_policy}"
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Atomically save a PNG heatmap of ranks (rows: block, columns: module type); return the path.
@@ -322,10 +330,9 @@ class _Parser:
             self.fail("format_version", f"is {version}: written by a newer fimlora (this one reads up to "
                       f"{PLAN_FORMAT_VERSION})", "upgrade fimlora (pip install -U fimlora)")
         self.obj(d, "plan", _PLAN_KEYS)
-        budget = self.obj(d["budget"], "budget", _BUDGET_KEYS)
-        total, used = self.integer(budget["total"], "budget.total", 0), self.integer(budget["used"], "budget.used", 0)
-        if used > total:
-            self.fail("budget.used", f"({used}) exceeds budget.total ({total})", "regenerate the plan")
+        budget = self.obj(d["budget"], "budget")
+        budget = self.obj({k: v for k, v in budget.items() if k != "used"}, "budget", _BUDGET_KEYS)
+        total = self.integer(budget["total"], "budget.total", 0)
         if not isinstance(d["layers"], list):
             self.fail("layers", f"must be a JSON list, got {type(d['layers']).__name__}")
         if not d["layers"]:
@@ -337,10 +344,10 @@ class _Parser:
                 self.fail(f"layers[{i}].name", f"{lp.name!r} duplicates layers[{first[lp.name]}].name",
                           "each module may appear only once; remove one")
             first[lp.name] = i
-        return RankPlan(
+        plan = RankPlan(
             layers=layers,
             budget={"kind": self.choice(budget["kind"], "budget.kind", BUDGET_KINDS),
-                    "value": self.number(budget["value"], "budget.value"), "total": total, "used": used},
+                    "value": self.number(budget["value"], "budget.value"), "total": total},
             base_rank=self.integer(d["base_rank"], "base_rank", 1),
             base_alpha=float(self.number(d["base_alpha"], "base_alpha")),
             alpha_policy=self.choice(d["alpha_policy"], "alpha_policy", ALPHA_POLICIES),
@@ -348,6 +355,10 @@ class _Parser:
             versions=copy.deepcopy(self.obj(d["versions"], "versions")),
             format_version=version,
         )
+        if plan.budget_used > total:
+            self.fail("layers", f"spend {plan.budget_used} of the budget, over budget.total ({total})",
+                      "lower some ranks or regenerate the plan")
+        return plan
 
     def layer(self, item: Any, where: str) -> LayerPlan:
         self.obj(item, where, _LAYER_KEYS)

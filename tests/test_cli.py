@@ -55,7 +55,7 @@ def test_tiny_causal_lm_end_to_end(tiny_model_dir, text_file, tmp_path, capsys):
     assert OUTPUTS <= {p.name for p in out.iterdir()}  # PEFT adds its README.md model card
     plan = RankPlan.load(out / "fimlora_plan.json")
     assert plan.calibration["task"] == "causal-lm" and plan.calibration["samples"] == 12
-    assert plan.budget["used"] <= plan.budget["total"]
+    assert plan.budget_used <= plan.budget["total"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"^" + name.replace(".", r"\."): r for name, r in plan.ranks.items() if r > 0}
     loaded = PeftModel.from_pretrained(tiny_llama(vocab_size=plan_vocab(tiny_model_dir), max_position_embeddings=48), out)

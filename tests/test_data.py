@@ -21,6 +21,7 @@ from fimlora.data import (
     pad_token_id_for,
     read_examples,
 )
+from fimlora.modelio import _num_labels
 
 RTE_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "RTE" / "dev.tsv"
 
@@ -403,3 +404,9 @@ def test_pad_token_id_for():
     assert pad_token_id_for(types.SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
     assert pad_token_id_for(types.SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
     assert pad_token_id_for(types.SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
+@pytest.mark.parametrize(("labels", "classes"), [([0, 2, 2], 3), ([1, 1, 1], 2), ([1, 2.5], 1), (["b", "a", "b"], 2)])
+def test_head_size_follows_the_label_ids(labels, classes):
+    """The classifier head gets as many classes as the encoded ids need (1: regression)."""
+    assert _num_labels(TextExamples(texts=["x"] * len(labels), labels=labels)) == classes

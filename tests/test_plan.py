@@ -34,10 +34,9 @@ def make_plan(names: list[str] | None = None, ranks: list[int] | None = None, **
                   stats={"count": 64, "variance": 0.25 * i, "fisher": 1.5, "mean_sq": 2.0 + i})
         for i, (n, r) in enumerate(zip(names, ranks, strict=True))
     ]
-    used = sum(lp.params for lp in layers)
     fields: dict[str, Any] = dict(
         layers=layers,
-        budget={"kind": "mean_rank", "value": 8.0, "total": used + 1000, "used": used},
+        budget={"kind": "mean_rank", "value": 8.0, "total": sum(lp.params for lp in layers) + 1000},
         base_rank=8,
         base_alpha=16.0,
         alpha_policy="fixed_scale",
@@ -132,10 +131,10 @@ def _layer_override(i: int, **kv: Any) -> dict[str, Any]:
         (plan_dict(base_rank=True), r"base_rank must be an integer"),
         (plan_dict(versions="x"), r"versions must be a JSON object"),
         (plan_dict(bogus=1), r"plan has unexpected key\(s\) 'bogus'"),
-        (plan_dict(budget={"kind": "params", "value": 1.0, "total": 10, "used": 11}),
-         r"budget\.used \(11\) exceeds budget\.total \(10\)"),
-        (plan_dict(budget={"kind": "flops", "value": 1.0, "total": 10, "used": 1}), r"budget\.kind must be one of"),
-        (plan_dict(budget={"kind": "params", "value": 1.0, "total": 10}), r"budget\.used is missing"),
+        (plan_dict(budget={"kind": "params", "value": 1.0, "total": 10, "used": 1}),
+         r"layers spend \d+ of the budget, over budget\.total \(10\)"),
+        (plan_dict(budget={"kind": "flops", "value": 1.0, "total": 10 ** 9}), r"budget\.kind must be one of"),
+        (plan_dict(budget={"kind": "params", "value": 1.0}), r"budget\.total is missing"),
         (plan_dict(format_version=999), r"format_version is 999: written by a newer fimlora.*upgrade"),
         (plan_dict(format_version=0), r"format_version must be an integer >= 1"),
         ([1, 2], r"plan must be a JSON object"),
@@ -297,6 +296,16 @@ def test_table_lists_layers_and_footer() -> None:
     assert f"{100 * used / total:.1f}%" in footer
     assert "fixed_scale" in footer
     assert f"{plan.layers[1].score:.2e}" in text
+
+
+def test_rank_budget_is_reported_in_ranks_and_derived_from_the_layers() -> None:
+    plan = make_plan()
+    plan.budget = {"kind": "rank", "value": 100, "total": 100}
+    used = sum(lp.rank for lp in plan.layers)
+    assert plan.budget_used == used
+    assert f"ranks {used:,} / 100 budget ({used:.1f}%)" in plan.table().splitlines()[-1]
+    plan.layers[0].rank += 1  # edited by hand: the file says what the layers now spend
+    assert plan.to_dict()["budget"]["used"] == used + 1
 
 
 def test_table_columns_aligned() -> None:
