@@ -12,7 +12,6 @@ import logging
 import re
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ._io import atomic_directory
@@ -44,9 +43,10 @@ def layer_alpha(policy: str, base_alpha: float, base_rank: int, rank: int) -> fl
     raise ValueError(f"alpha_policy={policy!r} is not known; use fixed_scale, fixed_alpha or rslora")
 
 
-def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
-    """Every planned layer exists in ``model``, is linear-like with the planned shape, and its
-    pattern key matches exactly that one module. Raises PlanMismatchError listing every problem."""
+def check_plan_fits(model: nn.Module, plan: RankPlan) -> dict[str, nn.Module]:
+    """Every planned layer exists in ``model`` and is linear-like with the planned shape (its
+    anchored pattern key then matches that one module and no other). Raises PlanMismatchError
+    listing every problem; returns the planned modules by name."""
     modules = dict(model.named_modules())
     problems = []
     for layer in plan.layers:
@@ -57,17 +57,15 @@ def check_plan_fits(model: nn.Module, plan: RankPlan) -> None:
         if not (is_linear_like(module) or is_lora_layer(module)):
             problems.append(f"{layer.name}: is a {type(module).__name__}, not a linear layer")
             continue
-        if layer_shape(module) != (layer.d_in, layer.d_out):
-            problems.append(f"{layer.name}: model has (d_in, d_out) = {layer_shape(module)}, plan has {(layer.d_in, layer.d_out)}")
-        key = pattern_key(layer.name)
-        hits = [name for name in modules if re.match(rf"(.*\.)?({key})$", name)]
-        if hits != [layer.name]:
-            problems.append(f"{layer.name}: pattern {key!r} matches {hits}")
+        shape = layer_shape(module)
+        if shape != (layer.d_in, layer.d_out):
+            problems.append(f"{layer.name}: model has (d_in, d_out) = {shape}, plan has {(layer.d_in, layer.d_out)}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
         raise PlanMismatchError(
             f"the rank plan does not fit this model ({len(problems)} problem(s)); was it made for another model? Calibrate this model to get a plan for it.\n  {shown}"
         )
+    return {layer.name: modules[layer.name] for layer in plan.layers}
 
 
 def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | None = None):
@@ -79,8 +77,7 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
     """
     from peft import LoraConfig
 
-    if model is not None:
-        check_plan_fits(model, plan)
+    planned = check_plan_fits(model, plan) if model is not None else None
     kept = [layer for layer in plan.layers if layer.rank > 0]
     if not kept:
         raise PlanMismatchError("every layer of the plan has rank 0: there is no adapter to build")
@@ -93,7 +90,7 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
     config.target_modules = [layer.name for layer in kept]
     config.rank_pattern = {pattern_key(layer.name): layer.rank for layer in kept}
     config.alpha_pattern = {pattern_key(layer.name): layer.alpha for layer in kept}
-    if model is not None and all(is_conv1d(model.get_submodule(layer.name)) for layer in kept):
+    if planned is not None and all(is_conv1d(planned[layer.name]) for layer in kept):
         config.fan_in_fan_out = True  # Conv1D stores its weight (d_in, d_out); PEFT needs to know
     return config
 
@@ -145,4 +142,3 @@ __all__ = [
     "lora_config_from_plan",
 ]
 
-_ = torch  # torch tensors flow through these helpers; imported for type clarity
