@@ -36,6 +36,12 @@ def time_interleaved(functions: dict[str, Callable[[], object]], *, device: str,
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def paired_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of time / reference time in the same round: the two ran back to back,
+    so slow drifts of the machine's load cancel."""
+    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
+
+
 def environment(device: str) -> dict[str, str]:
     import fimlora
 

@@ -25,6 +25,7 @@ model). A method that runs out of memory is recorded as such. Gradient checkpoin
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,15 +33,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, synchronize, write_csv  # noqa: E402
+from _common import environment, paired_ratio, print_table, synchronize, write_csv  # noqa: E402
 from _contenders import floor_pass  # noqa: E402
-from _workloads import freeze, token_batches  # noqa: E402
+from _memory import measure_peak  # noqa: E402
+from _workloads import LLAMA_PRESETS, freeze, token_batches  # noqa: E402
 from memory_at_scale import CONFIGS  # noqa: E402
 
 import fimlora  # noqa: E402
 
-SMOKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=96)
 GIB = 2**30
 STEP_GOAL = 1.03  # calibration step / floor step
 TOTAL_GOAL_S = 60.0  # 8 batches of 8 x 2048 tokens
@@ -52,11 +52,11 @@ def build_model(name: str, *, device: str, dtype: torch.dtype, length: int, chec
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    sizes = SMOKE if name == "smoke" else CONFIGS[name]
+    sizes = LLAMA_PRESETS["smoke-llama"] if name == "smoke" else CONFIGS[name]
     config = LlamaConfig(**sizes, max_position_embeddings=max(length, 2048), attn_implementation="sdpa")
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(config).to(dtype)  # cast while on meta: no float32 copy is ever allocated
+    model = model.to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -75,24 +75,24 @@ def build_model(name: str, *, device: str, dtype: torch.dtype, length: int, chec
 
 
 def measure(name: str, run, device: str) -> dict:
-    """Seconds and peak extra bytes of one pass; 'oom' when the device runs out of memory."""
-    on_gpu = device.startswith("cuda")
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    synchronize(device)
-    started = time.perf_counter()
-    try:
+    """Seconds and peak extra bytes (``_memory.measure_peak``) of one pass; 'oom' when the device
+    runs out of memory, 'error' when the method fails."""
+
+    def timed() -> float:
+        synchronize(device)
+        started = time.perf_counter()
         run()
         synchronize(device)
+        return time.perf_counter() - started
+
+    try:
+        seconds, memory = measure_peak(timed, device)
     except torch.OutOfMemoryError as error:
+        torch.cuda.empty_cache()  # what the failed pass cached must not crowd the next contender
         return {"method": name, "status": "oom", "error": str(error).splitlines()[0][:200]}
     except Exception as error:  # a backend that fails here must not cost the other measurements
         return {"method": name, "status": "error", "error": f"{type(error).__name__}: {error}".splitlines()[0][:200]}
-    seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() - before if on_gpu else None
-    return {"method": name, "status": "ok", "seconds": seconds, "peak_extra_bytes": peak}
+    return {"method": name, "status": "ok", "seconds": seconds, "peak_extra_bytes": memory["peak_extra_bytes"]}
 
 
 def methods(model, batches, *, rank: int, train: bool, fisher: bool, backend: str) -> dict:
@@ -111,7 +111,8 @@ def methods(model, batches, *, rank: int, train: bool, fisher: bool, backend: st
 
 def run_point(model, batches, *, label: str, rank: int, train: bool, fisher: bool, repeats: int, device: str,
               backend: str = "auto") -> list[dict]:
-    """Every method once to warm up, then ``repeats`` rounds taking turns; the median pass. When
+    """Every method once to warm up, then ``repeats`` rounds taking turns: the median pass, and
+    time ratios to the floor paired round by round (``paired_ratio``). When
     the chosen backend fails in the warm-up, the point is measured with the torch backend instead
     (and says so), so that one broken kernel does not cost the run."""
     contenders = methods(model, batches, rank=rank, train=train, fisher=fisher, backend=backend)
@@ -128,23 +129,22 @@ def run_point(model, batches, *, label: str, rank: int, train: bool, fisher: boo
             records[name].append(measure(name, run, device))
     n, length = batches[0]["input_ids"].shape
     rows = []
+    complete = {name: all(r["status"] == "ok" for r in results) for name, results in records.items()}
     for name, results in records.items():
-        ok = [r for r in results if r["status"] == "ok"]
         row = {"point": label, "method": name, "N": n, "L": length, "batches": len(batches), "backend": backend}
-        if len(ok) < len(results):
+        if not complete[name]:
             bad = next(r for r in results if r["status"] != "ok")
             rows.append({**row, "status": bad["status"], "note": bad["error"]})
             continue
-        seconds = sorted(r["seconds"] for r in ok)[len(ok) // 2]
-        peak = max((r["peak_extra_bytes"] or 0) for r in ok) if device.startswith("cuda") else None
+        seconds = statistics.median(r["seconds"] for r in results)
+        peak = max(r["peak_extra_bytes"] for r in results)
         rows.append({**row, "status": "ok", "pass_s": round(seconds, 4), "step_s": round(seconds / len(batches), 4),
-                     "peak_extra_GiB": round(peak / GIB, 3) if peak is not None else ""})
-    floor = next((r for r in rows if r["method"] == "floor" and r["status"] == "ok"), None)
-    for row in rows:
-        if floor and row["status"] == "ok":
-            row["x_floor_time"] = round(row["pass_s"] / floor["pass_s"], 3)
-            if floor["peak_extra_GiB"] != "":
-                row["over_floor_GiB"] = round(row["peak_extra_GiB"] - floor["peak_extra_GiB"], 3)
+                     "peak_extra_GiB": round(peak / GIB, 3)})
+        if complete.get("floor"):
+            floor = records["floor"]
+            row = rows[-1]
+            row["x_floor_time"] = round(paired_ratio([r["seconds"] for r in results], [r["seconds"] for r in floor]), 3)
+            row["over_floor_GiB"] = round((peak - max(r["peak_extra_bytes"] for r in floor)) / GIB, 3)
     return rows
 
 

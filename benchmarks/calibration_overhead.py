@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, machine_load, package_versions, print_table, write_csv  # noqa: E402
+from _common import RESULTS, environment, machine_load, package_versions, paired_ratio, print_table, write_csv  # noqa: E402
 from _contenders import (  # noqa: E402
     CONTENDERS,
     backend_unavailable,
@@ -131,12 +131,6 @@ def run_all(isolated: Isolated, entry: Callable[[dict], dict], specs: list[dict]
         return [one(spec) for spec in specs]
     with ThreadPoolExecutor(jobs) as pool:  # each thread only waits on its own child process
         return list(pool.map(one, specs))
-
-
-def paired_ratio(times: list[float], reference: list[float]) -> float:
-    """Median over rounds of time / reference time in the same round: the two ran back to back,
-    so slow drifts of the machine's load cancel."""
-    return statistics.median(t / r for t, r in zip(times, reference, strict=True))
 
 
 def point_rows(model: str, rank: int, n: int, length: int, memory: dict[str, dict], timing: dict,
