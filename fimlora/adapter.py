@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ._io import atomic_directory
-from .plan import RankPlan
+from .plan import ALPHA_POLICIES, RankPlan
 from .targets import is_conv1d, is_linear_like, is_lora_layer, layer_shape
 
 logger = logging.getLogger("fimlora")
@@ -40,7 +40,7 @@ def layer_alpha(policy: str, base_alpha: float, base_rank: int, rank: int) -> fl
         return base_alpha * rank / base_rank
     if policy in ("fixed_alpha", "rslora"):
         return float(base_alpha)
-    raise ValueError(f"alpha_policy={policy!r} is not known; use fixed_scale, fixed_alpha or rslora")
+    raise ValueError(f"alpha_policy={policy!r} is not known; use one of {', '.join(ALPHA_POLICIES)}")
 
 
 def check_plan_fits(model: nn.Module, plan: RankPlan) -> dict[str, nn.Module]:

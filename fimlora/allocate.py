@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from .plan import BUDGET_KINDS
+
 __all__ = ["Budget", "allocate", "min_budget"]
 
-_KINDS = ("mean_rank", "rank", "params")
 _PARSE_HELP = ("use 'R' or 'mean:R' (the uniform rank R with the same parameter count, e.g. 8), "
                "'rank:N' (sum of ranks) or 'params:N' (trainable parameters)")
 _SIG_DIGITS = 12  # normalised scores are rounded to this many digits (see _weights)
@@ -45,8 +46,8 @@ class Budget:
     value: float
 
     def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise ValueError(f"Budget.kind={self.kind!r} is unknown; use one of {', '.join(_KINDS)}")
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"Budget.kind={self.kind!r} is unknown; use one of {', '.join(BUDGET_KINDS)}")
         v = self.value
         if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0:
             raise ValueError(f"Budget.value={v!r} must be a finite number > 0; pass a positive budget")
@@ -187,7 +188,7 @@ def _validate(scores: Sequence[float], total: int, costs: Sequence[int] | None, 
     whole_total = _as_int(total)
     if whole_total is None:
         raise ValueError(f"total={total!r} must be a whole number of parameters (or ranks)")
-    need = lo * int(c.sum())
+    need = min_budget(c, lo)
     if whole_total < need:
         raise ValueError(f"budget total={whole_total} is infeasible: giving every layer r_min={lo} needs at "
                          f"least {need}; raise the budget to >= {need} or lower r_min")

@@ -18,7 +18,7 @@ from .losses import TASKS, infer_task, model_losses
 from .probe import LayerProbe, ProbeSession, make_probe
 from .samples import sample_layout
 from .stats import GRANULARITIES, SCORES, LayerStats
-from .targets import find_targets, layer_device, layer_shape, plan_name, unwrap_model
+from .targets import base_model, find_targets, layer_device, layer_shape, plan_name, unwrap_model
 
 logger = logging.getLogger("fimlora")
 
@@ -58,7 +58,7 @@ class ModelFeed:
         except (TypeError, ValueError):
             parameters = {}
         any_keyword = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-        config = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model, "config", None)
+        config = getattr(base_model(model), "config", None)
         return cls(
             takes_position_ids="position_ids" in parameters or any_keyword,
             takes_use_cache="use_cache" in parameters or any_keyword,

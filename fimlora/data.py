@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from .losses import TASKS
+
 logger = logging.getLogger("fimlora")
 
-TASKS = ("causal-lm", "seq-cls", "seq2seq-lm")
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv", ".tsv")
 _DEFAULT_TEXT_COLUMNS = ("text", "sentence", "sentence1")
 _BUILTIN_FILE = "builtin_sentiment.jsonl"

@@ -113,8 +113,6 @@ def all_reduce_stats(states: Sequence[LayerStats]) -> None:
         state.count = int(count)
 
 
-def shard(items: Sequence, index: int | None = None, count: int | None = None) -> list:
-    """This rank's share of ``items`` (every ``count``-th item from ``index``): no overlap, nothing lost."""
-    index = rank() if index is None else index
-    count = world_size() if count is None else count
-    return list(items[index::count])
+def shard(items: Sequence) -> list:
+    """This rank's share of ``items`` (every world_size-th item from its rank): no overlap, nothing lost."""
+    return list(items[rank() :: world_size()])

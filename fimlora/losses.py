@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .samples import SampleLayout
+from .targets import base_model
 
 TASKS = ("causal-lm", "seq-cls", "seq2seq-lm")
 IGNORE_INDEX = -100
@@ -67,7 +68,7 @@ def decoder_inputs(model, batch: dict) -> dict:
         raise ValueError("seq2seq-lm calibration needs a 'labels' entry (the target token ids, -100 for padding)")
     if "decoder_input_ids" in batch:
         return batch
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     prepare = getattr(base, "prepare_decoder_input_ids_from_labels", None)
     if prepare is None:
         raise ValueError(f"{type(base).__name__} cannot make decoder_input_ids from labels; put them in the batch")
@@ -89,7 +90,7 @@ def seq_cls_losses(logits: torch.Tensor, labels: torch.Tensor, problem_type: str
 
 def infer_task(model) -> str:
     """causal-lm, seq-cls or seq2seq-lm from the model class (looking through a PEFT wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     cls = type(base).__name__
     if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
         return "causal-lm"

@@ -17,16 +17,18 @@ from .plan import LayerPlan, RankPlan
 from .targets import find_targets, layer_shape
 
 
-def library_versions() -> dict[str, str]:
+def installed_version(package: str) -> str:
     import importlib.metadata as metadata
 
-    versions = {"python": platform.python_version()}
-    for package in ("fimlora", "torch", "transformers", "peft"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def library_versions() -> dict[str, str]:
+    return {"python": platform.python_version(),
+            **{package: installed_version(package) for package in ("fimlora", "torch", "transformers", "peft")}}
 
 
 def _allocation_defaults(base_rank, budget, r_min, r_max):
@@ -144,7 +146,8 @@ def as_batches(data, *, batch_size: int, num_batches: int, pad_token_id: int):
         return data  # already a sequence of batches
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in first]
     count = min(len(data), batch_size * num_batches)
-    features = [{k: torch.as_tensor(data[i][k]) for k in keys} for i in range(count)]
+    rows = (data[i] for i in range(count))  # a datasets row is decoded once, not once per key
+    features = [{k: torch.as_tensor(row[k]) for k in keys} for row in rows]
     for feature in features:
         feature.setdefault("attention_mask", torch.ones_like(feature["input_ids"]))
     return make_batches(features, batch_size=batch_size, pad_token_id=pad_token_id)

@@ -129,7 +129,8 @@ class ProbeSession:
     def __enter__(self) -> ProbeSession:
         try:
             self._saved_requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
-            self._saved_training = [(m, m.training) for m in self.model.modules()]
+            modules = list(self.model.modules())
+            self._saved_training = [(m, m.training) for m in modules]
             for p, _ in self._saved_requires_grad:
                 p.requires_grad_(False)
             self.model.train(self.train)
@@ -137,9 +138,10 @@ class ProbeSession:
                 self._handles.append(probe.module.register_forward_hook(self._forward_hook(probe)))
                 if probe.lora_dropout is not None:
                     self._handles.append(probe.lora_dropout.register_forward_hook(_keep_dropped_input(probe)))
-            checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
-            repacking = any(_repacks_without_input_grad(m) for m in self.model.modules())
-            if (checkpointing or repacking) and hasattr(self.model, "get_input_embeddings"):
+            needs_input_grad = any(
+                getattr(m, "gradient_checkpointing", False) is True or _repacks_without_input_grad(m) for m in modules
+            )
+            if needs_input_grad and hasattr(self.model, "get_input_embeddings"):
                 # Reentrant checkpointing runs the first forward without grad; a checkpointed block
                 # is only re-run in backward if its input requires grad (what transformers'
                 # enable_input_require_grads does). Inputs that need grad also keep layers that

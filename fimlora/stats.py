@@ -70,9 +70,6 @@ class LayerStats:
         batch_m2 = (grads - batch_mean).square_().sum(dim=0)
         self.merge_moments_(grads.shape[0], batch_mean, batch_m2)
 
-    def merge_(self, other: LayerStats) -> None:
-        self.merge_moments_(other.count, other.mean, other.m2)
-
     def is_finite(self) -> bool:
         return bool(torch.isfinite(self.mean).all() and torch.isfinite(self.m2).all())
 

@@ -47,6 +47,11 @@ def is_lora_layer(module: nn.Module) -> bool:
     return hasattr(module, "lora_A") and hasattr(module, "scaling") and hasattr(module, "base_layer")
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The eager model inside DDP and torch.compile wrappers: DDP adds nothing to a forward whose
     parameters are all frozen, and a compiled graph would trace (and break on) the probe's hooks;
@@ -73,18 +78,16 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     In a PEFT model the LoRA layers themselves are the candidates (their own A and scale are
     used); the linears inside them (base_layer, lora_A, lora_B) are not.
     """
-    lora_names = [name for name, module in model.named_modules() if is_lora_layer(module)]
-    if lora_names:
-        return {name: model.get_submodule(name) for name in lora_names}
+    modules = list(model.named_modules())
+    lora_layers = {name: module for name, module in modules if is_lora_layer(module)}
+    if lora_layers:
+        return lora_layers
     output_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    found = {}
-    for name, module in model.named_modules():
-        if not name or not is_linear_like(module) or module is output_head:
-            continue
-        if any(part in _HEAD_NAMES for part in name.split(".")):
-            continue
-        found[name] = module
-    return found
+    return {
+        name: module for name, module in modules
+        if name and is_linear_like(module) and module is not output_head
+        and not any(part in _HEAD_NAMES for part in name.split("."))
+    }
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
