@@ -96,15 +96,27 @@ def _input_device(model: nn.Module) -> torch.device:
     return layer_device(embeddings if embeddings is not None else model)
 
 
-def _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype) -> None:
+def prepare_run(model: nn.Module, data, *, targets, task, loss_fn, num_batches, backend):
+    """The set-up calibrate and full_fisher share, every check before any work: the eager model,
+    its task, its target layers, the concrete backend and the batch iterator."""
+    model = unwrap_model(model)
+    if loss_fn is None and task is None:
+        task = infer_task(model)
     if loss_fn is None and task not in TASKS:
         raise ValueError(f"task={task!r} is not known; use one of {TASKS}, or pass loss_fn")
+    if not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+    layers = find_targets(model, targets)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    chosen_backend = backends.resolve_backend(backend, _input_device(model), dtype)
+    return model, task, layers, chosen_backend, _take_batches(data, num_batches)
+
+
+def _check_settings(score, granularity, rank, stats_dtype) -> None:
     if score not in SCORES:
         raise ValueError(f"score={score!r} is not known; use one of {SCORES}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not known; use one of {GRANULARITIES}")
-    if not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank (the calibration LoRA rank) must be a positive integer, got {rank!r}")
     if stats_dtype not in (torch.float32, torch.float64):
@@ -160,14 +172,10 @@ def calibrate(
         backend: accumulate backend, see ``fimlora.backends``.
         train: run in train mode (dropout on) instead of eval mode.
     """
-    model = unwrap_model(model)
-    if loss_fn is None and task is None:
-        task = infer_task(model)
-    _check_settings(task, loss_fn, score, granularity, num_batches, rank, stats_dtype)
-    layers = find_targets(model, targets)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    chosen_backend = backends.resolve_backend(backend, _input_device(model), dtype)
-    batches = _take_batches(data, num_batches)
+    _check_settings(score, granularity, rank, stats_dtype)
+    model, task, layers, chosen_backend, batches = prepare_run(
+        model, data, targets=targets, task=task, loss_fn=loss_fn, num_batches=num_batches, backend=backend
+    )
 
     probes = [
         make_probe(name, module, rank=rank, alpha=alpha, use_rslora=use_rslora, seed=seed, stats_dtype=stats_dtype)

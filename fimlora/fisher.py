@@ -26,12 +26,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from . import backends
-from .calibrate import LossFn, _input_device, _take_batches, run_probes
-from .losses import TASKS, infer_task
+from .calibrate import LossFn, prepare_run, run_probes
 from .probe import LayerProbe
 from .stats import LayerStats
-from .targets import find_targets, layer_device, layer_shape, plan_name, unwrap_model
+from .targets import layer_device, layer_shape, plan_name
 
 
 def full_fisher(
@@ -62,18 +60,9 @@ def full_fisher(
         backend: accumulate backend, see ``fimlora.backends``.
         progress: show a progress bar.
     """
-    model = unwrap_model(model)
-    if loss_fn is None and task is None:
-        task = infer_task(model)
-    if loss_fn is None and task not in TASKS:
-        raise ValueError(f"task={task!r} is not known; use one of {TASKS}, or pass loss_fn")
-    if not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
-    layers = find_targets(model, targets)
-    device = _input_device(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    chosen_backend = backends.resolve_backend(backend, device, dtype)
-    batches = _take_batches(data, num_batches)
+    model, task, layers, chosen_backend, batches = prepare_run(
+        model, data, targets=targets, task=task, loss_fn=loss_fn, num_batches=num_batches, backend=backend
+    )
     # a probe without A measures the weight's own gradient: h = x, scale 1
     probes = []
     for name, module in layers.items():
