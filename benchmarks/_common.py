@@ -61,9 +61,10 @@ def environment(device: str) -> dict[str, str]:
     return info
 
 
-def write_csv(rows: list[dict], name: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_csv(rows: list[dict], name: str, directory: Path = RESULTS) -> Path:
+    """``rows`` as ``directory/name``, columns in order of first appearance."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from _common import machine_load
 
 
 class Skip(Exception):
@@ -133,20 +134,12 @@ def serve(spec: dict, build: Callable[[dict], Any], methods: Mapping[str, Callab
             torch.save(stats, spec["stats_path"])
             output["stats_path"] = spec["stats_path"]
         return {"status": "ok", **output, **memory, "allocator": allocator, "threads": torch.get_num_threads(),
-                "load": _load()}
+                "load": machine_load()}
     except Skip as reason:
         return {"status": "skipped", "reason": str(reason)}
     except Exception as error:  # reported to the parent, which keeps going
         traceback.print_exc()
         return {"status": "error", "reason": f"{type(error).__name__}: {error}"}
-
-
-def _load() -> float | None:
-    """The 1-minute load average when the method finished: how busy the machine was."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def _child(worker: Callable[[dict], dict], spec_json: str, connection) -> None:

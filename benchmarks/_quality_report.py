@@ -7,6 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from _common import write_csv
 from _quality_methods import METHODS
 from _quality_stats import mean_std, paired_ci
 
@@ -53,16 +54,6 @@ def _order(key: tuple[str, str, str]) -> tuple:
     tasks = ["sst2", "rte", "mrpc", "cola"]
     return (tasks.index(task) if task in tasks else 99, task,
             METHODS.index(method) if method in METHODS else 99, variant)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    if not rows:
-        return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def _fmt_ci(item: dict, scale: float = 100.0) -> str:
@@ -255,13 +246,13 @@ def report(results: Path, prefix: str, specs=()) -> None:
     parts = []
     main_summary = summarise(main_rows) if main_rows else []
     if main_summary:
-        write_csv(main_summary, results / f"{prefix}_summary.csv")
+        write_csv(main_summary, f"{prefix}_summary.csv", results)
         plot_main(main_summary, results / f"{prefix}_main.png")
         parts += ["## Main table", "", markdown_main(main_summary, majority_baselines(specs)),
                   "", "Wall time per cell (seconds, mean over seeds):", "", markdown_times(main_rows)]
     if abl_rows:
         abl_summary = summarise(abl_rows, reference=_by_cell(main_rows))
-        write_csv(abl_summary, results / f"{prefix}_ablations_summary.csv")
+        write_csv(abl_summary, f"{prefix}_ablations_summary.csv", results)
         plot_ablations(abl_summary, main_summary, results / f"{prefix}_ablations.png")
         parts += ["", "## Ablations", "", markdown_ablations(abl_summary, main_summary),
                   "", "Wall time per ablation cell:", "", markdown_times(abl_rows)]

@@ -9,11 +9,11 @@ seed-0 plans as JSON and their heatmaps (layers x module types) as PNG.
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
 import torch
+from _common import write_csv
 from _quality_methods import BASE_ALPHA, BASE_RANK, TARGETS
 from _quality_stats import agreement, pairwise_agreement
 from _quality_train import load_classifier
@@ -80,9 +80,4 @@ def run_stability(specs, cache, cfg, results: Path, prefix: str, *, repeats: int
                          "spearman_min": min(p[0] for p in pairs), "kendall_mean": sum(p[1] for p in pairs) / len(pairs),
                          "kendall_min": min(p[1] for p in pairs), "calib_seconds": round(seconds, 2)})
         print(f"stability {spec.name}: {3 * repeats - 2} calibrations, {seconds:.1f}s each", flush=True)
-    path = results / f"{prefix}_stability.csv"
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(rows, f"{prefix}_stability.csv", results)

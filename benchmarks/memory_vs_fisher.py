@@ -45,6 +45,7 @@ from _contenders import (  # noqa: E402  (the contenders, run here on the full w
 from _memory import Isolated, Skip, serve  # noqa: E402
 from _workloads import LLAMA_PRESETS, Prepared, Workload, llama_model, moments, token_batches  # noqa: E402
 from calibration_overhead import PRELOAD, VERSIONS, relative_error, run_all, without_threads  # noqa: E402
+from memory_at_scale import CONFIGS  # noqa: E402
 
 import fimlora  # noqa: E402
 from fimlora.fisher import full_fisher  # noqa: E402
@@ -53,12 +54,7 @@ from fimlora.targets import find_targets, plan_name  # noqa: E402
 MINILM = "all-MiniLM-L6-v2"
 MiB = 2**20
 # The published configs (config.json) of the two reference models; only the shapes matter here.
-REFERENCE_CONFIGS = {
-    "LLaMA-2-7B": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32),
-    "LLaMA-3-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8),
-}
+REFERENCE_CONFIGS = {"LLaMA-2-7B": CONFIGS["llama-2-7b"], "LLaMA-3-8B": CONFIGS["llama-3-8b"]}
 PAPER_CLAIM = {"d_in": 4096, "r": 16, "ratio": 256}
 METHOD_ORDER = ["floor", "fimlora", "fisher", "opacus", "backpack", "torch.func"]
 

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS  # noqa: E402
 from _quality_methods import METHODS, FimSettings  # noqa: E402
 from _quality_tasks import METRICS, TaskSpec, glue_tasks, load_task  # noqa: E402
 from _quality_train import TrainConfig, encode, run_cell  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # The ablation grid: each variant changes one FIM-LoRA knob from the library default.
