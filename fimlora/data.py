@@ -64,14 +64,19 @@ def read_examples(
     label_column: str | None = None,
     split: str = "train",
     limit: int | None = None,
+    column_names: Sequence[str] | None = None,
 ) -> TextExamples:
     """Read examples from a .txt/.jsonl/.csv/.tsv file, or a Hub dataset name if no such file exists.
 
     Columns default to "text" (else "sentence", else "sentence1") for the text, "sentence2" as the
     pair when the text column is "sentence1", and "label" when present. `limit` keeps the first N.
+    `column_names` names the columns of a .csv/.tsv file that has no header row (GLUE's CoLA):
+    its first line is then data.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
+    if column_names is not None and Path(path_or_name).suffix.lower() not in (".csv", ".tsv"):
+        raise ValueError(f"column_names is for .csv/.tsv files without a header row, not {path_or_name!r}")
     columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
     path = Path(path_or_name)
     if not path.exists():
@@ -82,7 +87,7 @@ def read_examples(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}; "
             f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
-    return _parse(_read_text(path), suffix, str(path), limit=limit, **columns)
+    return _parse(_read_text(path), suffix, str(path), limit=limit, column_names=column_names, **columns)
 
 
 def builtin_examples() -> TextExamples:
@@ -105,7 +110,8 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"{path}, line {line}: not valid UTF-8 ({exc.reason}); save it as UTF-8") from exc
 
 
-def _parse(text: str, suffix: str, source: str, *, limit: int | None = None, **columns: str | None) -> TextExamples:
+def _parse(text: str, suffix: str, source: str, *, limit: int | None = None,
+           column_names: Sequence[str] | None = None, **columns: str | None) -> TextExamples:
     if suffix == ".txt":
         given = [f"{name}={value!r}" for name, value in columns.items() if value is not None]
         if given:
@@ -114,7 +120,7 @@ def _parse(text: str, suffix: str, source: str, *, limit: int | None = None, **c
         if not texts:
             raise ValueError(f"{source} contains no examples (every line is empty)")
         return TextExamples(texts=texts)
-    table = _jsonl_table(text, source) if suffix == ".jsonl" else _delimited_table(text, source, suffix)
+    table = _jsonl_table(text, source) if suffix == ".jsonl" else _delimited_table(text, source, suffix, column_names)
     return _select(table, source, limit=limit, numeric_labels=suffix != ".jsonl", **columns)
 
 
@@ -137,12 +143,12 @@ def _jsonl_table(text: str, source: str) -> _Table:
     return (list(first[1]), itertools.chain([first], iterator)) if first else ([], iter(()))
 
 
-def _delimited_table(text: str, source: str, suffix: str) -> _Table:
+def _delimited_table(text: str, source: str, suffix: str, column_names: Sequence[str] | None = None) -> _Table:
     # GLUE TSVs are unquoted and contain literal '"' characters, so quoting must be off for .tsv.
     tsv = suffix == ".tsv"
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=quoting)
-    header = [name.strip() for name in next(reader, [])]
+    header = list(column_names) if column_names is not None else [name.strip() for name in next(reader, [])]
 
     def rows() -> Iterator[tuple[int, dict[str, Any]]]:
         while True:
