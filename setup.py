@@ -1,8 +1,9 @@
 """Build script. Metadata lives in pyproject.toml.
 
-Packages: ``fimlora`` and ``fimlora._kernels``, whose sources live in ``kernels/``. The Triton
-kernels must never be importable as a top-level ``kernels`` (a different PyPI package owns
-that name), hence the package_dir mapping.
+Packages: ``fimlora`` with its subpackages (found, so a new one needs no entry here) and
+``fimlora._kernels``, whose sources live in ``kernels/``. The Triton kernels must never be
+importable as a top-level ``kernels`` (a different PyPI package owns that name), hence the
+package_dir mapping.
 
 Optional compiled extension ``fimlora._C`` (sources in ``csrc/``): the ``fimlora::*`` torch
 operators, with CPU kernels and, when CUDA is available to the build, CUDA kernels. It is
@@ -28,7 +29,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 BUILD_EXT = os.environ.get("FIMLORA_BUILD_EXT", "auto").strip().lower()
 FORCE_CUDA = os.environ.get("FIMLORA_FORCE_CUDA", "0").strip() == "1"
@@ -162,7 +163,7 @@ def _configure(required: bool) -> dict:
 
 
 setup(
-    packages=["fimlora", "fimlora.backends", "fimlora._kernels"],
+    packages=[*find_packages(include=["fimlora", "fimlora.*"]), "fimlora._kernels"],
     package_dir={"fimlora._kernels": "kernels"},
     **_extension_kwargs(),
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import sys
@@ -83,6 +84,29 @@ def test_tsv_literal_quotes_bom_and_pairs(tmp_path):
     assert examples.texts == ['He said "no.', "b"]
     assert examples.text_pairs == ['A "quoted" one', "c"]
     assert examples.labels == ["entailment", "not_entailment"]
+
+
+def test_headerless_tsv_with_column_names(tmp_path):
+    # GLUE CoLA's layout: source, label, original label, sentence; no header, unquoted '"'.
+    text = 'gj04\t1\t\tOur friends won\'t buy this analysis.\nclc95\t0\t*\tThey drank the "pub".\n\ngj04\t1\t\tOne more.\n'
+    path = write(tmp_path / "in_domain_train.tsv", text)
+    names = ["source", "label", "original_label", "sentence"]
+    examples = read_examples(str(path), column_names=names)
+    assert examples == TextExamples(["Our friends won't buy this analysis.", 'They drank the "pub".', "One more."], None, [1, 0, 1])
+    assert read_examples(str(path), column_names=names, text_column="source", limit=1).texts == ["gj04"]
+    # Without column_names the first line is the header: its cells become the column names.
+    assert read_examples(str(path), text_column="Our friends won't buy this analysis.").texts == ['They drank the "pub".', "One more."]
+
+
+def test_column_names_errors_name_the_argument(tmp_path):
+    path = write(tmp_path / "a.tsv", "x\t1\ny\t0\textra\n")
+    with pytest.raises(ValueError, match=r"a\.tsv, line 2: 3 fields but column_names has 2"):
+        read_examples(str(path), column_names=["sentence", "label"])
+    with pytest.raises(ValueError, match=r"text_column='text' is not a column of .*a\.tsv; available columns: sentence, label"):
+        read_examples(str(path), column_names=["sentence", "label"], text_column="text")
+    jsonl = write(tmp_path / "a.jsonl", '{"text": "x"}\n')
+    with pytest.raises(ValueError, match="column_names is for .csv/.tsv files without a header row"):
+        read_examples(str(jsonl), column_names=["text"])
 
 
 def test_limit_keeps_first_rows(tmp_path):
@@ -210,6 +234,13 @@ def test_txt_has_no_columns(tmp_path):
 
 
 # ---------------------------------------------------------------- builtin set
+
+
+def test_builtin_data_is_a_package_resource():
+    resource = importlib.resources.files("fimlora.data").joinpath("builtin_sentiment.jsonl")
+    assert resource.is_file()
+    rows = [json.loads(line) for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert builtin_examples() == TextExamples([row["text"] for row in rows], None, [row["label"] for row in rows])
 
 
 def test_builtin_examples_balanced():

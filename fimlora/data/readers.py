@@ -1,6 +1,6 @@
-"""Calibration data, in three eager, in-memory stages (calibration needs only a few batches):
-`read_examples` (file or Hub dataset -> `TextExamples`), `encode_examples` (-> one dict of 1-D
-tensors per example) and `make_batches` (-> padded batches)."""
+"""Readers: a .txt/.jsonl/.csv/.tsv file, a Hub dataset or the built-in demo set -> `TextExamples`.
+
+Every error names the source, and the line (or row) where it can."""
 
 from __future__ import annotations
 
@@ -9,18 +9,10 @@ import importlib.resources
 import io
 import itertools
 import json
-import logging
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-
-from .losses import TASKS
-
-logger = logging.getLogger("fimlora")
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".csv", ".tsv")
 _DEFAULT_TEXT_COLUMNS = ("text", "sentence", "sentence1")
@@ -92,7 +84,7 @@ def read_examples(
 
 def builtin_examples() -> TextExamples:
     """The embedded demo calibration set: 128 short reviews, labels 0 (negative) / 1 (positive)."""
-    resource = importlib.resources.files("fimlora").joinpath("data", _BUILTIN_FILE)
+    resource = importlib.resources.files("fimlora.data").joinpath(_BUILTIN_FILE)
     return _parse(resource.read_text(encoding="utf-8"), ".jsonl", f"fimlora/data/{_BUILTIN_FILE}")
 
 
@@ -149,6 +141,7 @@ def _delimited_table(text: str, source: str, suffix: str, column_names: Sequence
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=quoting)
     header = list(column_names) if column_names is not None else [name.strip() for name in next(reader, [])]
+    named_by = "the header" if column_names is None else "column_names"
 
     def rows() -> Iterator[tuple[int, dict[str, Any]]]:
         while True:
@@ -161,7 +154,7 @@ def _delimited_table(text: str, source: str, suffix: str, column_names: Sequence
             if not fields:  # blank line
                 continue
             if len(fields) != len(header):
-                raise ValueError(f"{source}, line {reader.line_num}: {len(fields)} fields but the header has {len(header)}")
+                raise ValueError(f"{source}, line {reader.line_num}: {len(fields)} fields but {named_by} has {len(header)}")
             yield reader.line_num, dict(zip(header, fields, strict=True))
 
     return header, rows()
@@ -237,160 +230,3 @@ def _read_hub_dataset(name: str, *, split: str, limit: int | None, **columns: st
         raise ValueError(f"{name!r} is not a file and could not be loaded as a dataset (split={split!r}): {exc}") from exc
     table = (list(dataset.column_names), ((index, dict(row)) for index, row in enumerate(dataset, start=1)))
     return _select(table, f"dataset {name!r} [{split}]", limit=limit, numeric_labels=False, unit="row", **columns)
-
-
-def encode_examples(
-    examples: TextExamples,
-    tokenizer: Any,
-    *,
-    task: str,
-    max_length: int,
-    model_max_length: int | None = None,
-    label_names: Sequence | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Tokenise each example into 1-D LongTensors `input_ids`, `attention_mask` and `labels`.
-
-    Sequences are truncated to min(max_length, model_max_length). For "causal-lm" the labels are a
-    copy of input_ids; for "seq-cls" they are scalars (class ids, or floats for regression); for
-    "seq2seq-lm" they are the token ids of the example's target text (its label column).
-    `token_type_ids` is included too when the tokenizer declares it as a model input (BERT pairs).
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
-    if max_length < 1:
-        raise ValueError(f"max_length must be at least 1, got {max_length}")
-    # Labels first, so a bad label column fails before any tokenising.
-    labels = label_ids(examples.labels, label_names) if task == "seq-cls" else None
-    targets = _target_texts(examples.labels) if task == "seq2seq-lm" else None
-    limit = max_length if model_max_length is None else min(max_length, model_max_length)
-    # BERT-style pair models need segment ids; models that do not declare them would reject them.
-    with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
-
-    def tokenise(max_tokens: int) -> Any:
-        return tokenizer(examples.texts, examples.text_pairs, truncation=True, max_length=max_tokens,
-                         return_attention_mask=True, return_token_type_ids=with_types)
-
-    # One token past the limit shows which examples the limit cuts, without the tokenizer's own
-    # "longer than the maximum" warning that an untruncated call would log.
-    encoded = tokenise(limit + 1)
-    cut = sum(len(ids) > limit for ids in encoded["input_ids"])
-    if cut:
-        encoded = tokenise(limit)
-        if model_max_length is not None and model_max_length <= max_length:
-            message = f"{cut} of {len(examples)} examples were longer than the model's maximum of {model_max_length} tokens"
-            warnings.warn(message + " and were truncated", stacklevel=2)
-        else:
-            logger.info("%d of %d examples were truncated to max_length=%d tokens", cut, len(examples), limit)
-
-    if targets is not None:
-        labels = tokenizer(text_target=targets, truncation=True, max_length=limit)["input_ids"]
-    keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_types else [])
-    features = []
-    for i in range(len(examples)):
-        feature = {key: torch.tensor(encoded[key][i], dtype=torch.long) for key in keys}
-        if targets is not None:
-            feature["labels"] = torch.tensor(labels[i], dtype=torch.long)
-        elif labels is None:
-            feature["labels"] = feature["input_ids"].clone()
-        else:
-            feature["labels"] = torch.tensor(labels[i], dtype=torch.float32 if isinstance(labels[i], float) else torch.long)
-        features.append(feature)
-    return features
-
-
-def _target_texts(targets: list | None) -> list[str]:
-    if targets is None or any(target is None or str(target) == "" for target in targets):
-        raise ValueError("task 'seq2seq-lm' needs a target text for every example; name the target column (--target-column)")
-    return [str(target) for target in targets]
-
-
-def label_ids(labels: list | None, label_names: Sequence | None) -> list[int] | list[float]:
-    """Turn raw labels into class ids (or floats for regression) for sequence classification."""
-    if labels is None or any(label is None for label in labels):
-        raise ValueError("task 'seq-cls' needs a label for every example; name the label column (--label-column)")
-    if label_names is not None:
-        index = {name: i for i, name in enumerate(label_names)}
-        # Names win; an int that is not a name is taken as a class id if it is in range.
-        ids = [index.get(label, label if isinstance(label, int) and 0 <= label < len(index) else None) for label in labels]
-        unknown = sorted({repr(label) for label, i in zip(labels, ids, strict=True) if i is None})
-        if unknown:
-            raise ValueError(f"labels {', '.join(unknown)} are not in label_names={list(label_names)}")
-        return [int(i) for i in ids]
-    if all(isinstance(label, str) for label in labels):
-        index = {name: i for i, name in enumerate(sorted(set(labels)))}
-        logger.info("label ids: %s", index)
-        return [index[label] for label in labels]
-    if all(isinstance(label, int) for label in labels):  # bools too: JSON true/false are fine ids
-        if min(labels) < 0:
-            raise ValueError(f"label {min(labels)} is negative; class ids must be 0..num_labels-1 "
-                             "(GLUE marks unlabelled test rows with -1)")
-        return [int(label) for label in labels]
-    if all(isinstance(label, (int, float)) for label in labels):
-        return [float(label) for label in labels]  # regression
-    kinds = sorted({type(label).__name__ for label in labels})
-    raise ValueError(f"labels mix types ({', '.join(kinds)}); use all strings, all ints, or all floats")
-
-
-def collate(features: list[dict], *, pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad 1-D features into one batch: input_ids with pad_token_id, masks and type ids with 0,
-    per-token labels with -100 (ignored by the loss) to the longest labels (a seq2seq target can
-    be longer or shorter than its source); scalar labels are stacked."""
-    if not features:
-        raise ValueError("collate needs at least one feature")
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    length = max(feature["input_ids"].numel() for feature in features)
-    batch = {}
-    for key in features[0]:
-        values = [feature[key] for feature in features]
-        if key == "labels" and values[0].dim() == 0:
-            batch[key] = torch.stack(values)
-            continue
-        if key == "labels":
-            if any(value.dim() != 1 for value in values):
-                raise ValueError("collate: per-token labels must be 1-D")
-            size = max(value.numel() for value in values)
-        elif any(value.shape != feature["input_ids"].shape for value, feature in zip(values, features, strict=True)):
-            raise ValueError(f"collate: every {key!r} must be 1-D and as long as its input_ids")
-        else:
-            size = length
-        fill = pad_token_id if key == "input_ids" else -100 if key == "labels" else 0
-        paddings = [value.new_full((size - value.numel(),), fill) for value in values]
-        pieces = zip(paddings, values, strict=True) if padding_side == "left" else zip(values, paddings, strict=True)
-        batch[key] = torch.stack([torch.cat(pair) for pair in pieces])
-    return batch
-
-
-def make_batches(
-    features: list[dict],
-    *,
-    batch_size: int,
-    pad_token_id: int,
-    padding_side: str = "right",
-    num_batches: int | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
-) -> list[dict[str, torch.Tensor]]:
-    """Padded batches of `batch_size` (the last may be smaller), shuffled by `seed` if asked, at most `num_batches`."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be at least 1, got {num_batches}")
-    if not features:
-        raise ValueError("make_batches got no features")
-    order = list(range(len(features)))
-    if shuffle:
-        # A private generator: the same seed gives the same batches without touching global RNG state.
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)).tolist()
-    # Fewer batches than num_batches is not an error here: calibrate() warns about a short supply.
-    starts = range(0, len(features), batch_size)[:num_batches]
-    chunks = ([features[i] for i in order[start : start + batch_size]] for start in starts)
-    return [collate(chunk, pad_token_id=pad_token_id, padding_side=padding_side) for chunk in chunks]
-
-
-def pad_token_id_for(tokenizer: Any) -> int:
-    """The id to pad with: the tokenizer's pad token, else its EOS token, else 0."""
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0
