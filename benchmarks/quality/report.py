@@ -1,0 +1,227 @@
+"""Tables and a plot from results/quality/runs.csv (any subset of the grid; incomplete pairs are left out).
+
+    python benchmarks/quality/report.py            # writes results/quality/tables.md and paired_differences.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from analysis import Paired, compare, correct, paired_bootstrap  # noqa: E402
+from methods import BUDGETS  # noqa: E402
+from run import DATA_DIR, RESULTS  # noqa: E402
+from tasks import glue_tasks, load_task, task_score  # noqa: E402
+
+BARS = {"sst2": 84.0, "mrpc": 80.0, "cola": 20.0}
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def gold_labels(data_dir: str, split: str) -> dict[str, list[int]]:
+    """Class ids of every task's val or dev split, in the order the runs predicted them."""
+    out = {}
+    for name, spec in glue_tasks(data_dir).items():
+        try:
+            data = load_task(spec)
+        except (OSError, ValueError):
+            continue
+        examples = data.val if split == "val" else data.dev
+        index = {label: i for i, label in enumerate(data.label_names)}
+        out[name] = [index[label] for label in examples.labels]
+    return out
+
+
+def fmt(x: float, digits: int = 2, sign: bool = False) -> str:
+    if not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    n = len(values)
+    if n == 0:
+        return ""
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return f"{mean:.2f} ± {fmt(sd)} ({n})"
+
+
+class Grid:
+    """Rows of one split and recipe precision, indexed by (task, method, budget, seed)."""
+
+    def __init__(self, rows: list[dict], split: str, bf16: str = "True") -> None:
+        self.rows = [r for r in rows if r["split"] == split and r["bf16"] == bf16]
+        self.by = {(r["task"], r["method"], r["budget"], int(r["seed"])): r for r in self.rows}
+        self.tasks = [t for t in ("sst2", "mrpc", "cola", "rte") if any(r["task"] == t for r in self.rows)]
+        self.methods = list(dict.fromkeys(r["method"] for r in self.rows))
+
+    def seeds(self, task: str, method: str, budget: str) -> list[int]:
+        return sorted(s for (t, m, b, s) in self.by if (t, m, b) == (task, method, budget))
+
+    def pairs(self, task: str, method: str, budget: str) -> list[tuple[dict, dict]]:
+        return [(self.by[(task, method, budget, s)], self.by[(task, "uniform", budget, s)])
+                for s in self.seeds(task, method, budget) if (task, "uniform", budget, s) in self.by]
+
+
+def paired_table(grid: Grid, budget: str, methods: list[str], gold: dict[str, list[int]], metric: dict[str, str],
+                 bootstrap: int) -> tuple[list[str], list[Paired]]:
+    """Per-task and pooled paired differences against uniform, corrected over this table's pooled rows."""
+    lines = ["| method | " + " | ".join(grid.tasks) + " | pooled (tasks x seeds) | bootstrap 95% CI | Holm p | MDE |",
+             "|---|" + "---|" * (len(grid.tasks) + 4)]
+    pooled_rows: list[Paired] = []
+    cells: dict[str, list[str]] = {}
+    for method in methods:
+        per_task, diffs, boot_pairs = [], [], []
+        for task in grid.tasks:
+            pairs = grid.pairs(task, method, budget)
+            d = [float(a["score"]) - float(b["score"]) for a, b in pairs]
+            diffs += d
+            c = compare(task, d)
+            per_task.append(f"{fmt(c.mean, sign=True)} [{fmt(c.lo, sign=True)}, {fmt(c.hi, sign=True)}] (n={c.n})"
+                            if d else "")
+            if task in gold:
+                scorer = (lambda m: lambda p, g: task_score(m, p, g))(metric[task])
+                boot_pairs += [([int(x) for x in a["predictions"]], [int(x) for x in b["predictions"]], gold[task],
+                                scorer) for a, b in pairs if len(a["predictions"]) == len(gold[task])]
+        row = compare(method, diffs)
+        if boot_pairs and bootstrap:
+            row.boot_lo, row.boot_hi = paired_bootstrap(boot_pairs, resamples=bootstrap)
+        pooled_rows.append(row)
+        cells[method] = per_task
+    correct(pooled_rows)
+    for row in pooled_rows:
+        lines.append(f"| {row.label} | " + " | ".join(cells[row.label]) +
+                     f" | {fmt(row.mean, sign=True)} [{fmt(row.lo, sign=True)}, {fmt(row.hi, sign=True)}] (n={row.n}, sd {fmt(row.sd)})"
+                     f" | [{fmt(row.boot_lo, sign=True)}, {fmt(row.boot_hi, sign=True)}] | {fmt(row.p_holm, 3)} | {fmt(row.mde)} |")
+    return lines, pooled_rows
+
+
+def score_table(grid: Grid, budget: str, methods: list[str]) -> list[str]:
+    lines = ["| method | " + " | ".join(grid.tasks) + " | LoRA params (min-max over runs) | wall time per run |",
+             "|---|" + "---|" * (len(grid.tasks) + 2)]
+    for method in methods:
+        rows = [r for r in grid.rows if r["method"] == method and r["budget"] == budget]
+        if not rows:
+            continue
+        scores = [mean_sd([float(r["score"]) for r in rows if r["task"] == t]) for t in grid.tasks]
+        ratio = [int(r["lora_params"]) / int(r["uniform_params"]) for r in rows]
+        params = sorted(int(r["lora_params"]) for r in rows)
+        secs = sum(float(r["seconds"]) for r in rows) / len(rows)
+        lines.append(f"| {method} | " + " | ".join(scores) +
+                     f" | {params[0]:,}-{params[-1]:,} ({min(ratio):.3f}-{max(ratio):.3f} x uniform) | {secs / 60:.1f} min |")
+    return lines
+
+
+def clamp_share(grid: Grid, budget: str) -> list[str]:
+    """How much of fim-variance's map sits at the clamps: the allocator's clamps versus its scores."""
+    b = BUDGETS[budget]
+    lines = ["| task | runs | layers at r_min | at r_max | in between |", "|---|---|---|---|---|"]
+    for task in grid.tasks:
+        rows = [r for r in grid.rows if (r["task"], r["method"], r["budget"]) == (task, "fim-variance", budget)]
+        ranks = [int(x) for r in rows for x in r["ranks"].split()]
+        if ranks:
+            lo, hi = sum(x <= b.r_min for x in ranks) / len(ranks), sum(x >= b.r_max for x in ranks) / len(ranks)
+            lines.append(f"| {task} | {len(rows)} | {lo:.0%} | {hi:.0%} | {1 - lo - hi:.0%} |")
+    return lines
+
+
+def plot(rows_by_budget: dict[str, list[Paired]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(f"{r.label} ({b})", r) for b, rows in rows_by_budget.items() for r in rows if r.n >= 2]
+    if not items:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.2))
+    for y, (label, r) in enumerate(items):
+        ax.plot([r.lo, r.hi], [y, y], color="tab:blue", lw=2, label="t 95% CI (seeds)" if y == 0 else None)
+        if math.isfinite(r.boot_lo):
+            ax.plot([r.boot_lo, r.boot_hi], [y + 0.18, y + 0.18], color="tab:orange", lw=2,
+                    label="bootstrap 95% CI (seeds x dev examples)" if y == 0 else None)
+        ax.plot([r.mean], [y], "o", color="black")
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(items)), [label for label, _ in items])
+    ax.set_xlabel("score minus uniform LoRA, points (pooled over tasks x seeds; dev sets)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=str(RESULTS / "runs.csv"))
+    p.add_argument("--data-dir", default=str(DATA_DIR))
+    p.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: skip the bootstrap)")
+    args = p.parse_args(argv)
+    rows = read_rows(Path(args.results))
+    metric = {name: spec.metric for name, spec in glue_tasks(args.data_dir).items()}
+    out: list[str] = []
+
+    val = Grid(rows, "val")
+    if val.rows:
+        out += ["## Pilot: uniform r=8 on the validation split (carved from train)", "",
+                "| task | bar | uniform (mean ± sd (n)) | steps | wall time per run |", "|---|---|---|---|---|"]
+        for task in val.tasks:
+            rs = [r for r in val.rows if (r["task"], r["method"], r["budget"]) == (task, "uniform", "r8")]
+            if rs:
+                out.append(f"| {task} | {BARS.get(task, '')} | {mean_sd([float(r['score']) for r in rs])} | "
+                           f"{rs[0]['steps']} | {sum(float(r['seconds']) for r in rs) / len(rs) / 60:.1f} min |")
+        fp32 = Grid(rows, "val", bf16="False")
+        for task in fp32.tasks:
+            for (t, mth, b, s), r32 in fp32.by.items():
+                r16 = val.by.get((t, mth, b, s))
+                if r16:
+                    out.append(f"\nbf16 parity, {t} {mth} seed {s}: fp32 {float(r32['score']):.2f} "
+                               f"({float(r32['seconds']) / 60:.1f} min) vs bf16 {float(r16['score']):.2f} "
+                               f"({float(r16['seconds']) / 60:.1f} min); final loss {r32['loss_last']} vs {r16['loss_last']}")
+            break
+        scoring = [m for m in val.methods if m != "uniform"]
+        if scoring:
+            gold = gold_labels(args.data_dir, "val")
+            out += ["", "## Scoring choices on the validation split (paired against uniform, same seeds)", ""]
+            out += score_table(val, "r8", ["uniform", *scoring]) + [""]
+            out += paired_table(val, "r8", scoring, gold, metric, args.bootstrap)[0]
+
+    dev = Grid(rows, "dev")
+    pooled: dict[str, list[Paired]] = {}
+    if dev.rows:
+        gold = gold_labels(args.data_dir, "dev")
+        for budget in BUDGETS:
+            methods = [m for m in dev.methods if any(r["method"] == m and r["budget"] == budget for r in dev.rows)]
+            if "uniform" not in methods:
+                continue
+            others = [m for m in methods if m != "uniform"]
+            out += ["", f"## Dev sets, budget {budget} (uniform r={BUDGETS[budget].rank}): scores", ""]
+            out += score_table(dev, budget, methods)
+            if others:
+                out += ["", f"## Dev sets, budget {budget}: method minus uniform, paired by seed (points)", ""]
+                lines, pooled[budget] = paired_table(dev, budget, others, gold, metric, args.bootstrap)
+                out += lines
+            out += ["", f"fim-variance's ranks at the clamps [{BUDGETS[budget].r_min}, {BUDGETS[budget].r_max}]:", ""]
+            out += clamp_share(dev, budget)
+        total = sum(float(r["seconds"]) for r in dev.rows)
+        out += ["", f"Dev runs: {len(dev.rows)}, {total / 3600:.1f} h of single-thread wall time in all."]
+    text = "\n".join(out) + "\n"
+    target = Path(args.results).parent
+    (target / "tables.md").write_text(text)
+    plot(pooled, target / "paired_differences.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
