@@ -4,7 +4,6 @@ the control methods' invariants, and an end-to-end --smoke run with its report."
 from __future__ import annotations
 
 import csv
-import itertools
 import math
 import random
 import sys
@@ -81,13 +80,13 @@ def test_metric_parts_against_brute_force_definitions():
     parts = metric_parts(pred, gold)
     x, y = [float(p) for p in pred], [float(g) for g in gold]
     assert parts["mcc"] == pytest.approx(scipy_stats.pearsonr(x, y).statistic)  # MCC = phi = Pearson on 0/1
-    assert parts["accuracy"] == sum(p == g for p, g in zip(pred, gold)) / 200
+    assert parts["accuracy"] == sum(p == g for p, g in zip(pred, gold, strict=True)) / 200
     assert task_score("f1_accuracy", pred, gold) == pytest.approx(50 * (parts["accuracy"] + parts["f1"]))
 
 
 def test_prior_recovers_an_additive_block_plus_type_map():
     block_effect = [0.0, 0.5, -0.3, 1.2, 0.1, -0.8]
-    type_effect = dict(zip(KINDS, [0.0, 0.4, 1.1, -0.2, 2.0, 0.7]))
+    type_effect = dict(zip(KINDS, [0.0, 0.4, 1.1, -0.2, 2.0, 0.7], strict=True))
     truth = {n: math.exp(block_effect[int(n.split(".")[3])] + type_effect[n.split(".", 4)[4]]) for n in SHAPES}
     noisy = [{n: v * math.exp(random.Random(i).gauss(0, 0.01)) for n, v in truth.items()} for i in range(2)]
     prior = methods.prior_scores(noisy, list(SHAPES))
@@ -123,8 +122,8 @@ def test_glue_splits_are_fixed_disjoint_and_read_with_the_library(shared_dir):
         data = load_task(spec)
         train_rows = len(data.fit) + len(data.val)
         assert len(data.val) == validation_size(train_rows)
-        fit = set(zip(data.fit.texts, data.fit.text_pairs or itertools.repeat(None)))
-        val = list(zip(data.val.texts, data.val.text_pairs or itertools.repeat(None)))
+        fit = set(zip(data.fit.texts, data.fit.text_pairs or [None] * len(data.fit), strict=True))
+        val = list(zip(data.val.texts, data.val.text_pairs or [None] * len(data.val), strict=True))
         # Duplicated sentences exist in GLUE train files; nearly all of val must be unseen rows.
         assert sum(v in fit for v in val) < 0.05 * len(val), name
         assert len(data.label_names) == 2

@@ -9,7 +9,6 @@ import argparse
 import csv
 import math
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -146,7 +145,7 @@ def plot(rows_by_budget: dict[str, list[Paired]], path: Path) -> None:
     if not items:
         return
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.2))
-    for y, (label, r) in enumerate(items):
+    for y, (_, r) in enumerate(items):
         ax.plot([r.lo, r.hi], [y, y], color="tab:blue", lw=2, label="t 95% CI (seeds)" if y == 0 else None)
         if math.isfinite(r.boot_lo):
             ax.plot([r.boot_lo, r.boot_hi], [y + 0.18, y + 0.18], color="tab:orange", lw=2,
@@ -181,15 +180,12 @@ def main(argv: list[str] | None = None) -> None:
             if rs:
                 out.append(f"| {task} | {BARS.get(task, '')} | {mean_sd([float(r['score']) for r in rs])} | "
                            f"{rs[0]['steps']} | {sum(float(r['seconds']) for r in rs) / len(rs) / 60:.1f} min |")
-        fp32 = Grid(rows, "val", bf16="False")
-        for task in fp32.tasks:
-            for (t, mth, b, s), r32 in fp32.by.items():
-                r16 = val.by.get((t, mth, b, s))
-                if r16:
-                    out.append(f"\nbf16 parity, {t} {mth} seed {s}: fp32 {float(r32['score']):.2f} "
-                               f"({float(r32['seconds']) / 60:.1f} min) vs bf16 {float(r16['score']):.2f} "
-                               f"({float(r16['seconds']) / 60:.1f} min); final loss {r32['loss_last']} vs {r16['loss_last']}")
-            break
+        for (t, mth, b, s), r32 in Grid(rows, "val", bf16="False").by.items():
+            r16 = val.by.get((t, mth, b, s))
+            if r16:
+                out.append(f"\nbf16 parity, {t} {mth} {b} seed {s}: fp32 {float(r32['score']):.2f} "
+                           f"({float(r32['seconds']) / 60:.1f} min) vs bf16 {float(r16['score']):.2f} "
+                           f"({float(r16['seconds']) / 60:.1f} min); final loss {r32['loss_last']} vs {r16['loss_last']}")
         scoring = [m for m in val.methods if m != "uniform"]
         if scoring:
             gold = gold_labels(args.data_dir, "val")
