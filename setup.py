@@ -8,8 +8,9 @@ package_dir mapping.
 Optional compiled extension ``fimlora._C`` (sources in ``csrc/``): the ``fimlora::*`` torch
 operators, with CPU kernels and, when CUDA is available to the build, CUDA kernels. It is
 compiled against the torch found here, so install with ``--no-build-isolation`` (an isolated
-build has no torch and installs pure Python). fimlora works without it; ``fimlora/_ext.py``
-says at run time why it is missing. Environment switches:
+build has no torch and installs pure Python). fimlora works without it: its ``compiled``
+backend (``fimlora/backends/_compiled.py``) says at run time why it is missing. Environment
+switches:
 
 - ``FIMLORA_BUILD_EXT``: ``auto`` (default) tries, and on any failure warns and installs pure
   Python; ``1`` requires the extension (a failure fails the install, with the compiler's
@@ -40,7 +41,7 @@ HEADERS = ["csrc/accumulate.h", "csrc/cuda/accumulate_kernel.h"]
 
 
 def _warn(message: str) -> None:
-    # pip shows a build's output only with -v or when it fails; fimlora/_ext.py repeats the
+    # pip shows a build's output only with -v or when it fails; the compiled backend repeats the
     # outcome at run time ("fimlora env"), so a silent fallback is still discoverable.
     print(f"WARNING (fimlora setup.py): {message}", file=sys.stderr)
 
@@ -117,7 +118,7 @@ def _configure(required: bool) -> dict:
             super().build_extensions()
 
         def _write_build_info(self) -> None:
-            # The exact torch this is compiled against, for fimlora/_ext.py to compare with the
+            # The exact torch this is compiled against, for the compiled backend to compare with the
             # running one. A header rather than a -D"..." flag: string defines need shell quoting
             # under ninja and none without it.
             folder = Path(self.build_temp).resolve() / "fimlora_generated"

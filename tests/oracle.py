@@ -1,8 +1,14 @@
-"""Independent float64 reference: a per-sample loop over PEFT's own LoRA layers.
+"""Independent float64 references, and the one comparison the tests use.
 
-Each sample runs alone (no padding, batch of one) through a float64 copy of the model wrapped
-by PEFT with the same A as the calibration, B = 0; the loss is written out plainly here and
-lora_B.grad is read after each backward. Nothing from fimlora's engine is used.
+- ``oracle_grads``: a per-sample loop over PEFT's own LoRA layers. Each sample runs alone (no
+  padding, batch of one) through a float64 copy of the model wrapped by PEFT with the same A as
+  the calibration, B = 0; the loss is written out plainly here and lora_B.grad is read after
+  each backward. Nothing from fimlora's engine is used.
+- ``op_oracle``: the accumulate op's per-sample gradients, one plain loop step per token.
+- ``relative_error``: normwise relative error naming its worst element; ``assert_stats``
+  checks a LayerStats with it.
+
+Test helpers only: this folder is not part of the fimlora package.
 """
 
 from __future__ import annotations
@@ -61,11 +67,39 @@ def moments(grads: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"mean": mean, "variance": variance, "fisher": grads.square().mean(dim=0)}
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (normwise, so tiny elements do not dominate)."""
-    expected = expected.double()
-    scale = expected.abs().max().clamp_min(1e-300)
-    return float((actual.double().cpu() - expected.cpu()).abs().max() / scale)
+class RelativeError(float):
+    """A normwise relative error, max |actual - expected| / max |expected|, that names its worst
+    element: pytest's assertion report (``assert err < tol``) and f"{err!r}" show where it is."""
+
+    index: tuple[int, ...] | None = None
+    actual: float = 0.0
+    expected: float = 0.0
+    scale: float = 0.0
+
+    def __repr__(self) -> str:
+        if self.index is None:
+            return f"{float(self):.3g} (no elements)"
+        return (f"{float(self):.3g} (worst element {self.index}: actual {self.actual:.9g}, expected {self.expected:.9g}, "
+                f"|difference| {abs(self.actual - self.expected):.3g}, max|expected| {self.scale:.3g})")
+
+    __str__ = __repr__
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> RelativeError:
+    """max |actual - expected| / max |expected| (normwise, so tiny elements do not dominate), in
+    float64 on the CPU, naming the element with the largest difference."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} != expected shape {tuple(expected.shape)}")
+    if actual.numel() == 0:
+        return RelativeError(0.0)
+    difference = (actual - expected).abs()
+    flat = int(difference.flatten().nan_to_num(float("inf")).argmax())  # a NaN is the worst of all
+    scale = float(expected.abs().max().clamp_min(1e-300))
+    error = RelativeError(float(difference.flatten()[flat]) / scale)
+    error.index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), difference.shape))
+    error.actual, error.expected, error.scale = float(actual.flatten()[flat]), float(expected.flatten()[flat]), scale
+    return error
 
 
 def op_oracle(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float) -> torch.Tensor:
@@ -77,3 +111,20 @@ def op_oracle(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: 
             g += torch.outer(dy[t].double().cpu(), h[t].double().cpu())
         grads.append(g * scale)
     return torch.stack(grads) if grads else torch.zeros(0, dy.shape[1], h.shape[1], dtype=torch.float64)
+
+
+def assert_stats(state, expected, tol: float, what: str = "stats") -> None:
+    """A LayerStats' count, mean, variance and fisher against ``expected``: per-sample gradients
+    (M, d_out, r) (e.g. from op_oracle) or another LayerStats; each within ``tol`` normwise."""
+    if isinstance(expected, torch.Tensor):
+        count, reference = expected.shape[0], moments(expected)
+    else:
+        count, reference = expected.count, _moments_of(expected)
+    assert state.count == count, f"{what}: count {state.count}, expected {count}"
+    for key, actual in _moments_of(state).items():
+        error = relative_error(actual, reference[key])
+        assert error <= tol, f"{what} {key}: relative error {error!r} > {tol:g}"
+
+
+def _moments_of(state) -> dict[str, torch.Tensor]:
+    return {"mean": state.mean, "variance": state.variance(), "fisher": state.fisher()}

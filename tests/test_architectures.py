@@ -72,5 +72,5 @@ def test_architecture_matches_per_sample_oracle(name):
             for key, actual in (("mean", stats.mean), ("variance", stats.variance())):
                 err = relative_error(actual, expected[key])
                 worst = max(worst, err)
-                assert err < TOL, f"{name} {side}-padded {layer} {key}: relative error {err:.2e}"
+                assert err < TOL, f"{name} {side}-padded {layer} {key}: relative error {err!r}"
     print(f"{name}: {len(grads)} layers, worst relative error against the oracle {worst:.1e}")

@@ -22,7 +22,7 @@ def _assert_matches_oracle(result, grads, tol=TOL):
         for key, actual in (("mean", stats.mean), ("variance", stats.variance()), ("fisher", stats.fisher())):
             err = relative_error(actual, expected[key])
             worst = max(worst, err)
-            assert err < tol, f"{name} {key}: relative error {err:.2e}"
+            assert err < tol, f"{name} {key}: relative error {err!r}"
         for score in ("variance", "fisher"):
             ref = float(expected[score].mean())
             assert abs(stats.score(score) - ref) <= tol * abs(ref), (name, score)

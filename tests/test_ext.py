@@ -1,11 +1,10 @@
 """The compiled extension fimlora._C: the operator fimlora::accumulate_sample_stats (its CPU
-kernel; one gpu-marked test runs the CUDA kernel where it is built), the soft loader, and the
-compile check of the torch-free CUDA kernel file.
+kernel; one gpu-marked test runs the CUDA kernel where it is built) behind the ``compiled``
+backend, its soft loader, and the compile check of the torch-free CUDA kernel file.
 
-The oracle is a float64 per-sample loop written out below: G_n = scale * dy[seg_n]^T h[seg_n]
-for every sample, stacked after any earlier gradients, and their plain mean and sum of squared
-deviations. The extension is built by `pip install --no-build-isolation -e .`; where it is
-missing the tests skip with the loader's reason (under CI=true they fail instead).
+The oracle is the float64 per-sample loop of tests/oracle.py (op_oracle), stacked after any
+earlier gradients. The extension is built by `pip install --no-build-isolation -e .`; where it
+is missing the tests skip with the loader's reason (under CI=true they fail instead).
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require
+from oracle import assert_stats, op_oracle, relative_error
 
-from fimlora import _ext
 from fimlora.backends import _compiled
 from fimlora.stats import LayerStats
 
@@ -32,21 +31,15 @@ TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-11}
 
 @pytest.fixture
 def op():
-    ok, reason = _ext.load()
+    ok, reason = _compiled.load()
     require(ok, f"fimlora._C is not usable: {reason}")
     return torch.ops.fimlora.accumulate_sample_stats
 
 
 def oracle(dy, h, segments, scale, previous=None):
-    """(count, mean, m2) in float64 of the earlier gradients `previous` (M, d_out, r) followed by
-    this batch's per-sample gradients."""
-    dy, h = dy.double(), h.double()
-    grads = [scale * dy[start:end].T @ h[start:end] for start, end in segments.tolist()]
-    stack = torch.stack(grads) if grads else torch.zeros(0, dy.shape[1], h.shape[1], dtype=torch.float64)
-    if previous is not None:
-        stack = torch.cat([previous.double(), stack])
-    mean = stack.mean(dim=0)
-    return stack.shape[0], mean, (stack - mean).square().sum(dim=0)
+    """Per-sample float64 gradients: the earlier ones `previous` (M, d_out, r), then this batch's."""
+    grads = op_oracle(dy, h, segments.cpu(), scale)
+    return grads if previous is None else torch.cat([previous.double(), grads])
 
 
 def state_from(grads: torch.Tensor, dtype: torch.dtype) -> LayerStats:
@@ -54,18 +47,6 @@ def state_from(grads: torch.Tensor, dtype: torch.dtype) -> LayerStats:
     mean = grads.double().mean(dim=0)
     m2 = (grads.double() - mean).square().sum(dim=0)
     return LayerStats(grads.shape[0], mean.to(dtype), m2.to(dtype))
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().clamp_min(1e-300)
-    return float((actual.double() - expected).abs().max() / scale)
-
-
-def assert_matches(state: LayerStats, expected, tol: float) -> None:
-    count, mean, m2 = expected
-    assert state.count == count
-    assert relative_error(state.mean, mean) < tol, f"mean: {relative_error(state.mean, mean):.2e}"
-    assert relative_error(state.m2, m2) < tol, f"m2: {relative_error(state.m2, m2):.2e}"
 
 
 def make_inputs(num_tokens, d_out, r, dy_dtype=torch.float32, h_dtype=None, seed=0):
@@ -104,7 +85,7 @@ def test_matches_float64_oracle(op, dy_dtype, h_dtype, r, state_dtype):
     assert (state.mean.data_ptr(), state.m2.data_ptr()) == (mean_ptr, m2_ptr)  # updated in place
     assert state.mean.dtype == state.m2.dtype == state_dtype
     # the oracle sees the same rounded inputs: only the arithmetic differs
-    assert_matches(state, oracle(dy, h, segments, 0.25, previous), TOLERANCE[state_dtype])
+    assert_stats(state, oracle(dy, h, segments, 0.25, previous), TOLERANCE[state_dtype])
 
 
 def test_first_call_from_zeros_and_op_returns_nothing(op):
@@ -113,7 +94,7 @@ def test_first_call_from_zeros_and_op_returns_nothing(op):
     state = LayerStats.zeros(33, 7)
     assert op(dy, h, segments, 2.0, 0, state.mean, state.m2) is None
     state.count += len(SEGMENTS)
-    assert_matches(state, oracle(dy, h, segments, 2.0), TOLERANCE[torch.float32])
+    assert_stats(state, oracle(dy, h, segments, 2.0), TOLERANCE[torch.float32])
 
 
 def test_no_segments_leaves_state_unchanged(op):
@@ -142,7 +123,7 @@ def test_strided_inputs(op):
     segments = torch.tensor(SEGMENTS)
     state = LayerStats.zeros(67, 6, dtype=torch.float64)
     _compiled.accumulate(dy, h, segments, 0.5, state)
-    assert_matches(state, oracle(dy, h, segments, 0.5), TOLERANCE[torch.float64])
+    assert_stats(state, oracle(dy, h, segments, 0.5), TOLERANCE[torch.float64])
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
@@ -157,9 +138,8 @@ def test_many_small_calls_equal_one_big_call(op, state_dtype):
         _compiled.accumulate(dy, h, chunk, 0.1, many)
     assert many.count == one.count == 40
     tol = TOLERANCE[state_dtype]
-    assert relative_error(many.mean, one.mean.double()) < tol
-    assert relative_error(many.m2, one.m2.double()) < tol
-    assert_matches(many, oracle(dy, h, segments, 0.1), tol)
+    assert_stats(many, one, tol)
+    assert_stats(many, oracle(dy, h, segments, 0.1), tol)
 
 
 def test_stable_when_mean_dwarfs_spread(op):
@@ -175,9 +155,8 @@ def test_stable_when_mean_dwarfs_spread(op):
         _compiled.accumulate(dy, h, segments, 1.0, state)
         everything.append(dy.double()[:, :, None].expand(32, 16, 4))
     grads = torch.cat(everything)
-    expected_var = grads.var(dim=0, unbiased=False)
     assert relative_error(state.mean, grads.mean(dim=0)) < 1e-6
-    assert relative_error(state.variance(), expected_var) < 5e-4  # the torch backend: 1e-4
+    assert relative_error(state.variance(), grads.var(dim=0, unbiased=False)) < 5e-4  # the torch backend: 1e-4
 
 
 def test_large_layer_spans_several_row_blocks(op):
@@ -188,7 +167,7 @@ def test_large_layer_spans_several_row_blocks(op):
     previous = torch.randn(3, 3001, 64, dtype=torch.float64)
     state = state_from(previous, torch.float64)
     _compiled.accumulate(dy, h, segments, 1.5, state)
-    assert_matches(state, oracle(dy, h, segments, 1.5, previous), TOLERANCE[torch.float64])
+    assert_stats(state, oracle(dy, h, segments, 1.5, previous), TOLERANCE[torch.float64])
 
 
 def test_opcheck(op):
@@ -239,15 +218,15 @@ def test_mean_and_m2_must_not_alias(op):
 def test_backend_contract(op):
     ok, reason = _compiled.available()
     assert ok and "fimlora._C" in reason
-    assert _compiled.name == "cuda"
-    if not _ext.has_cuda_kernels():
+    assert _compiled.name == "compiled"
+    if not _compiled.has_cuda_kernels():
         ok, reason = _compiled.available("cuda")
         assert not ok and "without CUDA kernels" in reason
 
 
 @pytest.mark.gpu
 def test_cuda_kernel_matches_oracle(op):
-    if not (torch.cuda.is_available() and _ext.has_cuda_kernels()):
+    if not (torch.cuda.is_available() and _compiled.has_cuda_kernels()):
         pytest.skip("needs a GPU and fimlora._C built with CUDA kernels")
     for dy_dtype, state_dtype in [(torch.float32, torch.float32), (torch.bfloat16, torch.float64), (torch.float16, torch.float32)]:
         dy, h = make_inputs(50, 67, 40, dy_dtype, torch.float32)
@@ -257,7 +236,7 @@ def test_cuda_kernel_matches_oracle(op):
         state = LayerStats(state.count, state.mean.cuda(), state.m2.cuda())
         _compiled.accumulate(dy.cuda(), h.cuda(), segments.cuda(), 0.25, state)
         state = LayerStats(state.count, state.mean.cpu(), state.m2.cpu())
-        assert_matches(state, oracle(dy, h, segments, 0.25, previous), 2e-5)
+        assert_stats(state, oracle(dy, h, segments, 0.25, previous), 2e-5)
 
 
 # --- the loader, without rebuilding --------------------------------------------------------
@@ -265,7 +244,7 @@ def test_cuda_kernel_matches_oracle(op):
 
 def test_loader_reports_a_torch_mismatch(monkeypatch, op):
     monkeypatch.setattr(torch, "__version__", "0.0.1+elsewhere")
-    ok, reason = _ext.load.__wrapped__()
+    ok, reason = _compiled.load.__wrapped__()
     assert not ok
     assert "built for torch" in reason and "running 0.0.1+elsewhere" in reason
     assert "pip install --no-build-isolation -e ." in reason
@@ -275,8 +254,8 @@ def test_loader_reports_a_missing_build(monkeypatch):
     def missing(name):
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
-    monkeypatch.setattr(_ext.importlib, "import_module", missing)
-    ok, reason = _ext.load.__wrapped__()
+    monkeypatch.setattr(_compiled.importlib, "import_module", missing)
+    ok, reason = _compiled.load.__wrapped__()
     assert not ok and "not built" in reason and "pip install --no-build-isolation -e ." in reason
 
 
@@ -284,8 +263,8 @@ def test_loader_reports_a_broken_library(monkeypatch):
     def broken(name):
         raise ImportError("fimlora/_C.so: undefined symbol: _ZN3c104cuda9SomethingEv")
 
-    monkeypatch.setattr(_ext.importlib, "import_module", broken)
-    ok, reason = _ext.load.__wrapped__()
+    monkeypatch.setattr(_compiled.importlib, "import_module", broken)
+    ok, reason = _compiled.load.__wrapped__()
     assert not ok and "undefined symbol" in reason and "--no-build-isolation" in reason
 
 

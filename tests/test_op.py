@@ -13,17 +13,17 @@ import sys
 
 import pytest
 import torch
-from oracle import moments, op_oracle, relative_error
+from oracle import assert_stats, moments, op_oracle, relative_error
 
 from fimlora import LayerStats, backends
 
-BACKENDS = ["torch", "triton", "cuda"]
+BACKENDS = [name for name in backends.BACKENDS if name != "auto"]
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 CUDA = torch.cuda.is_available()
 
 
-def _need(backend: str) -> None:
-    ok, reason = backends.backend_status(backend)
+def _need(backend: str, device: str | None = None) -> None:
+    ok, reason = backends.backend_status(backend, device)
     if not ok:
         pytest.skip(f"backend {backend} unavailable: {reason}")
 
@@ -33,15 +33,6 @@ def _case(t, d_out, r, segments, dtype=torch.float32, seed=0, device="cpu"):
     dy = torch.randn(t, d_out, generator=g).to(dtype).to(device)
     h = torch.randn(t, r, generator=g).to(dtype).to(device)
     return dy, h, torch.tensor(segments, dtype=torch.long).reshape(-1, 2).to(device)
-
-
-def _check(state: LayerStats, grads: torch.Tensor, tol: float) -> None:
-    expected = moments(grads)
-    assert state.count == grads.shape[0]
-    for key, actual in (("mean", state.mean), ("variance", state.variance()), ("fisher", state.fisher())):
-        err = relative_error(actual, expected[key])
-        worst = (actual.double().cpu() - expected[key]).abs().argmax()
-        assert err < tol, f"{key}: relative error {err:.2e} (worst flat element {int(worst)})"
 
 
 SHAPES = {
@@ -56,14 +47,14 @@ SHAPES = {
 
 
 def _run_suite_case(backend, shape, dtype, device):
-    _need(backend)
+    _need(backend, device)
     t, d_out, r, segments = SHAPES[shape]
     dy, h, seg = _case(t, d_out, r, segments, dtype, device=device)
     state = LayerStats.zeros(d_out, r, device=device)
     mean_ptr, m2_ptr = state.mean.data_ptr(), state.m2.data_ptr()
     backends.accumulate(dy, h, seg, 0.5, state, backend=backend)
     assert (state.mean.data_ptr(), state.m2.data_ptr()) == (mean_ptr, m2_ptr), "state was reallocated"
-    _check(state, op_oracle(dy, h, seg.cpu(), 0.5), TOLERANCE[dtype])
+    assert_stats(state, op_oracle(dy, h, seg.cpu(), 0.5), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -117,7 +108,7 @@ def test_many_small_calls_equal_one_large_call(backend):
     assert once.count == piecewise.count == 6
     torch.testing.assert_close(piecewise.mean, once.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(piecewise.m2, once.m2, rtol=1e-4, atol=1e-5)
-    _check(piecewise, op_oracle(dy, h, seg, 2.0), TOLERANCE[torch.float32])
+    assert_stats(piecewise, op_oracle(dy, h, seg, 2.0), TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,7 +168,55 @@ def test_backend_selection(monkeypatch):
 def test_auto_prefers_fused_paths(monkeypatch):
     monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (True, "on"))
     assert backends.resolve_backend("auto", "cuda") == "triton"
-    assert backends.resolve_backend("auto", "cpu") == backends._CPU_ORDER[0]
+    assert backends.resolve_backend("auto", "cpu") == "compiled"
+    assert backends.resolve_backend("auto", "cpu", torch.float64) == "torch"
+
+
+def test_old_name_cuda_still_selects_the_compiled_backend(monkeypatch):
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (True, "on"))
+    monkeypatch.setenv("FIMLORA_BACKEND", "cuda")
+    with pytest.warns(DeprecationWarning, match="FIMLORA_BACKEND='cuda' is deprecated: .* called 'compiled'"):
+        assert backends.resolve_backend(None, "cpu") == "compiled"
+    with pytest.warns(DeprecationWarning, match="backend='cuda' is deprecated"):
+        assert backends.resolve_backend("cuda", "cpu") == "compiled"
+    monkeypatch.setenv("FIMLORA_BACKEND", "magic")
+    with pytest.raises(ValueError, match="FIMLORA_BACKEND='magic' is not known; choose one of auto, torch, triton, compiled"):
+        backends.resolve_backend()
+
+
+def test_describe_backends_says_what_runs_on_each_device(monkeypatch):
+    on = {("torch", "cpu"), ("compiled", "cpu"), ("torch", "cuda"), ("triton", "cuda")}
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (
+        (name, torch.device(device).type) in on, f"{name} on {device}"))
+    cpu, gpu = backends.describe_backends(["cpu", "cuda:1"])
+    assert (cpu.device, cpu.requested, cpu.runs, cpu.problem) == ("cpu", "auto", "compiled", None)
+    assert cpu.status == {"torch": (True, "torch on cpu"), "triton": (False, "triton on cpu"),
+                          "compiled": (True, "compiled on cpu")}
+    assert (gpu.device, gpu.runs) == ("cuda:1", "triton")
+    assert cpu.lines()[0] == "      device cpu: auto runs compiled"
+    assert "  backend triton: unavailable (triton on cpu)" in cpu.lines()
+    (forced,) = backends.describe_backends(["cpu"], backend="triton")
+    assert forced.runs is None and "backend 'triton' is not available on cpu: triton on cpu" in forced.problem
+    assert forced.lines()[0].startswith("      device cpu: backend 'triton' is not available on cpu")
+    with pytest.raises(ValueError, match="backend='magic' is not known"):
+        backends.describe_backends(backend="magic")
+
+
+def test_describe_backends_lists_cpu_and_every_visible_gpu():
+    described = backends.describe_backends()
+    assert [d.device for d in described] == ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    assert all(set(d.status) == set(backends.BACKENDS) - {"auto"} and d.runs in d.status for d in described)
+    assert described[0].status["torch"] == (True, "plain PyTorch, always available")
+
+
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    from fimlora.backends import _triton
+
+    if _triton.available()[1].startswith("triton is not installed"):
+        pytest.skip("triton is not installed")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    ok, reason = _triton.available("cpu")
+    assert not ok and "TRITON_INTERPRET=1" in reason
 
 
 def test_import_works_without_triton_and_extension(tmp_path):
@@ -189,8 +228,8 @@ def test_import_works_without_triton_and_extension(tmp_path):
         "import fimlora, torch\n"
         "status = fimlora.available_backends()\n"
         "assert not status['triton'][0] and 'triton' in status['triton'][1], status\n"
-        "assert not status['cuda'][0], status\n"
-        "print(status['cuda'][1])\n"
+        "assert not status['compiled'][0], status\n"
+        "print(status['compiled'][1])\n"
         "from fimlora.backends import resolve_backend\n"
         "assert resolve_backend('auto', 'cpu') == 'torch'\n"
         "try:\n"

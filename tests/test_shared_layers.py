@@ -23,7 +23,7 @@ def _assert_matches(result, grads):
         for key, actual in (("mean", stats.mean), ("variance", stats.variance())):
             err = relative_error(actual, expected[key])
             worst = max(worst, err)
-            assert err < TOL, f"{name} {key}: relative error {err:.2e}"
+            assert err < TOL, f"{name} {key}: relative error {err!r}"
     print(f"worst relative error against the oracle {worst:.1e}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracle import moments, op_oracle
+from oracle import assert_stats, moments, op_oracle, relative_error
 
 from fimlora import backends
 from fimlora.backends import _triton
@@ -35,36 +35,6 @@ def kernel():
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 oracle, written plainly
-
-
-def stats_moments(count: int, mean: torch.Tensor, m2: torch.Tensor) -> dict[str, torch.Tensor]:
-    mean = mean.double().cpu()
-    variance = m2.double().cpu() / max(count, 1)
-    return {"mean": mean, "variance": variance, "fisher": variance + mean.square()}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    """Normwise: max |actual - expected| <= tol * max |expected|; names the worst element."""
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    error = (actual - expected).abs()
-    scale = float(expected.abs().max().clamp_min(1e-30))
-    worst = int(error.argmax())
-    if float(error.flatten()[worst]) > tol * scale:
-        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), error.shape))
-        pytest.fail(
-            f"{what}: worst element {index}: got {float(actual.flatten()[worst]):.9g}, "
-            f"expected {float(expected.flatten()[worst]):.9g} (error {float(error.flatten()[worst]):.3g} "
-            f"> {tol:g} * max|expected| = {tol * scale:.3g})"
-        )
-
-
-def assert_moments(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tol: float) -> None:
-    for key in ("mean", "variance", "fisher"):
-        assert_close(actual[key], expected[key], tol, key)
-
-
-# ---------------------------------------------------------------------------------------------
 # inputs
 
 # Unsorted, non-overlapping, with gaps (padding at 4..5, 20..21, 46..47): an empty sample,
@@ -82,11 +52,12 @@ def make_inputs(d_out: int, r: int, dtype: torch.dtype, h_dtype: torch.dtype | N
 
 
 def run(kernel, dy, h, segments, scale, *, count=0, mean=None, m2=None, state_dtype=torch.float32, **kwargs):
+    """The kernel on a fresh (or the given) state; the LayerStats it leaves."""
     shape = (dy.shape[1], h.shape[1])
     mean = torch.zeros(shape, dtype=state_dtype, device=DEVICE) if mean is None else mean
     m2 = torch.zeros(shape, dtype=state_dtype, device=DEVICE) if m2 is None else m2
     kernel(dy, h, segments, scale, count, mean, m2, **kwargs)
-    return stats_moments(count + segments.shape[0], mean, m2)
+    return LayerStats(count + segments.shape[0], mean, m2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,13 +71,13 @@ def test_matches_float64_oracle(kernel, dtype, r):
     # block_t = 16 splits the longer samples into several token chunks.
     dy, h, segments = make_inputs(37, r, dtype)
     actual = run(kernel, dy, h, segments, 0.75, block_d=16, block_r=16, block_t=16)
-    assert_moments(actual, moments(op_oracle(dy, h, segments, 0.75)), TOLERANCE[dtype])
+    assert_stats(actual, op_oracle(dy, h, segments, 0.75), TOLERANCE[dtype])
 
 
 def test_default_blocks_and_mixed_input_dtypes(kernel):
     dy, h, segments = make_inputs(20, 5, torch.bfloat16, h_dtype=torch.float32)
     actual = run(kernel, dy, h, segments, 2.0)
-    assert_moments(actual, moments(op_oracle(dy, h, segments, 2.0)), TOLERANCE[torch.bfloat16])
+    assert_stats(actual, op_oracle(dy, h, segments, 2.0), TOLERANCE[torch.bfloat16])
 
 
 def test_empty_and_single_token_samples(kernel):
@@ -114,7 +85,7 @@ def test_empty_and_single_token_samples(kernel):
     segments = torch.tensor([[5, 5], [9, 10], [0, 0], [40, 41]], device=DEVICE)
     grads = op_oracle(dy, h, segments, 1.0)
     assert grads[0].abs().max() == 0 and grads[2].abs().max() == 0
-    assert_moments(run(kernel, dy, h, segments, 1.0), moments(grads), TOLERANCE[torch.float32])
+    assert_stats(run(kernel, dy, h, segments, 1.0), grads, TOLERANCE[torch.float32])
 
 
 def test_long_segment_spans_many_token_chunks(kernel):
@@ -123,7 +94,7 @@ def test_long_segment_spans_many_token_chunks(kernel):
     h = torch.randn(64, 2, generator=generator).to(DEVICE)
     segments = torch.tensor([[1, 63], [63, 64], [0, 1]], device=DEVICE)  # 62 tokens = 4 chunks of 16
     actual = run(kernel, dy, h, segments, 0.5, block_t=16, num_splits=1)
-    assert_moments(actual, moments(op_oracle(dy, h, segments, 0.5)), TOLERANCE[torch.float32])
+    assert_stats(actual, op_oracle(dy, h, segments, 0.5), TOLERANCE[torch.float32])
 
 
 def test_padding_tokens_are_ignored(kernel):
@@ -131,7 +102,7 @@ def test_padding_tokens_are_ignored(kernel):
     poisoned = dy.clone()
     poisoned[[4, 5, 20, 21, 46, 47]] = float("nan")  # tokens in no segment
     expected = run(kernel, dy, h, segments, 1.0)
-    assert_moments(run(kernel, poisoned, h, segments, 1.0), expected, 0.0)
+    assert_stats(run(kernel, poisoned, h, segments, 1.0), expected, 0.0)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
@@ -139,15 +110,15 @@ def test_one_split_and_three_splits_agree(kernel, state_dtype):
     dy, h, segments = make_inputs(24, 6, torch.float32, seed=3)
     one = run(kernel, dy, h, segments, 1.5, num_splits=1, state_dtype=state_dtype)
     three = run(kernel, dy, h, segments, 1.5, num_splits=3, state_dtype=state_dtype)
-    assert_moments(three, one, 1e-6)
-    assert_moments(three, moments(op_oracle(dy, h, segments, 1.5)), TOLERANCE[torch.float32])
+    assert_stats(three, one, 1e-6)
+    assert_stats(three, op_oracle(dy, h, segments, 1.5), TOLERANCE[torch.float32])
 
 
 def test_more_splits_than_samples(kernel):
     dy, h, _ = make_inputs(10, 2, torch.float32)
     segments = torch.tensor([[3, 9], [11, 30]], device=DEVICE)
     actual = run(kernel, dy, h, segments, 1.0, num_splits=8)
-    assert_moments(actual, moments(op_oracle(dy, h, segments, 1.0)), TOLERANCE[torch.float32])
+    assert_stats(actual, op_oracle(dy, h, segments, 1.0), TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits", [1, 2])
@@ -159,7 +130,7 @@ def test_existing_state_is_merged(kernel, num_splits):
     m2 = (previous.var(dim=0, unbiased=False) * 4).float().to(DEVICE)
     actual = run(kernel, dy, h, segments, 0.25, count=4, mean=mean, m2=m2, num_splits=num_splits)
     grads = torch.cat([previous, op_oracle(dy, h, segments, 0.25)])
-    assert_moments(actual, moments(grads), TOLERANCE[torch.float32])
+    assert_stats(actual, grads, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -180,13 +151,8 @@ def test_many_small_calls_equal_one_large_call(kernel):
     for part in (segments[:1], segments[1:4], segments[4:]):
         _triton.accumulate(dy, h, part, 0.5, pieces)
     assert once.count == pieces.count == len(SEGMENTS)
-    assert_moments(
-        stats_moments(pieces.count, pieces.mean, pieces.m2),
-        stats_moments(once.count, once.mean, once.m2),
-        1e-6,
-    )
-    expected = moments(op_oracle(dy, h, segments, 0.5))
-    assert_moments(stats_moments(pieces.count, pieces.mean, pieces.m2), expected, TOLERANCE[torch.float32])
+    assert_stats(pieces, once, 1e-6)
+    assert_stats(pieces, op_oracle(dy, h, segments, 0.5), TOLERANCE[torch.float32])
 
 
 def test_variance_is_stable_when_mean_dominates(kernel):
@@ -203,8 +169,8 @@ def test_variance_is_stable_when_mean_dominates(kernel):
         for part in (segments[:10], segments[10:]):  # also through the state merge
             kernel(dy, h, part, 1.0, state.count, state.mean, state.m2, num_splits=num_splits)
             state.count += part.shape[0]
-        relative = ((state.variance().double().cpu() - expected) / expected).abs().max()
-        assert relative < 1e-2, f"num_splits={num_splits}: variance relative error {float(relative):.3g}"
+        error = relative_error(state.variance(), expected)
+        assert error < 1e-2, f"num_splits={num_splits}: variance relative error {error!r}"
 
 
 def test_strided_inputs(kernel):
@@ -215,7 +181,7 @@ def test_strided_inputs(kernel):
     table = torch.tensor([[a, b, -1] for a, b in SEGMENTS], device=DEVICE)
     segments = table[:, :2]  # row stride 3
     actual = run(kernel, dy, h, segments, 1.0)
-    assert_moments(actual, moments(op_oracle(dy, h, segments, 1.0)), TOLERANCE[torch.float32])
+    assert_stats(actual, op_oracle(dy, h, segments, 1.0), TOLERANCE[torch.float32])
 
 
 def test_no_tokens_at_all(kernel):
@@ -290,11 +256,7 @@ def test_backend_module(kernel):
     state = LayerStats.zeros(6, 2, device=DEVICE)
     backends.accumulate(dy, h, segments.cpu(), 1.0, state, backend="triton")  # host ranges are moved to dy's device
     assert state.count == len(SEGMENTS)
-    assert_moments(
-        stats_moments(state.count, state.mean, state.m2),
-        moments(op_oracle(dy, h, segments, 1.0)),
-        2e-5,
-    )
+    assert_stats(state, op_oracle(dy, h, segments, 1.0), 2e-5)
 
 
 def test_kernels_folder_is_only_fimlora_kernels(tmp_path):

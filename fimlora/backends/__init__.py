@@ -8,11 +8,13 @@ G_n = scale * sum_{t in segment n} dy_t h_t^T into ``state`` (a LayerStats) in p
 - segments: (S, 2) int64 [start, end) token ranges, one per sample; tokens in no range
   (padding) are ignored; an empty range is a sample whose gradient is zero.
 
-Backends: ``torch`` (plain PyTorch, the reference), ``triton`` (fused kernel, fimlora._kernels),
-``cuda`` (the compiled op fimlora._C, with a CPU and a CUDA implementation). ``auto`` picks,
-for CUDA tensors, triton then cuda then torch; for CPU tensors, the fastest measured CPU path
-(see ``_CPU_ORDER``). The backend is chosen per call (``backend=``), by ``use_backend(...)``,
-by the environment variable FIMLORA_BACKEND, or ``auto``. Optional backends are imported
+Backends: ``torch`` (plain PyTorch, the reference), ``triton`` (fused kernel, fimlora._kernels;
+CUDA tensors, or CPU ones under TRITON_INTERPRET=1), ``compiled`` (the compiled op of the
+optional extension fimlora._C, with a CPU and a CUDA implementation). ``auto`` picks, for CUDA
+tensors, triton then compiled then torch; for CPU tensors, the fastest measured CPU path (see
+``_CPU_ORDER``); for float64 inputs, torch. The backend is chosen per call (``backend=``), by
+``use_backend(...)``, by the environment variable FIMLORA_BACKEND, or ``auto``.
+``describe_backends()`` says, per device, what will run and why. Optional backends are imported
 lazily and never raise on ``import fimlora``.
 """
 
@@ -22,18 +24,21 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..stats import GRANULARITIES, LayerStats
 
-_MODULES = {"torch": "._torch", "triton": "._triton", "cuda": "._compiled"}
-BACKENDS = ("auto", *_MODULES)
-_CUDA_ORDER = ("triton", "cuda", "torch")
+_MODULES = {"torch": "._torch", "triton": "._triton", "compiled": "._compiled"}
+BACKENDS = ("auto", *_MODULES)  # every name a caller may give (e.g. the CLI's --backend choices)
+_RENAMED = {"cuda": "compiled"}  # old names, still accepted with a DeprecationWarning
+_CUDA_ORDER = ("triton", "compiled", "torch")
 # On CPU the compiled op's ATen implementation is used when built: measured faster than the
 # plain-PyTorch path by benchmarks/op_throughput.py (see README "Performance").
-_CPU_ORDER = ("cuda", "torch")
+_CPU_ORDER = ("compiled", "torch")
 _default: str | None = None  # set by use_backend; the only global mutable state
 
 
@@ -63,8 +68,25 @@ def _status(name: str, device: torch.device | None) -> tuple[bool, str]:
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
-    """Each backend's availability and the reason."""
+    """Each backend's availability on some device, and the reason (per device: ``describe_backends``)."""
     return {name: backend_status(name) for name in _MODULES}
+
+
+def _requested(name: str | None) -> str:
+    """The backend asked for: ``name``, else use_backend's, else FIMLORA_BACKEND, else auto;
+    checked, with an old name mapped to its new one."""
+    source = "backend"
+    if not name and not _default and os.environ.get("FIMLORA_BACKEND"):
+        source = "FIMLORA_BACKEND"
+    name = name or _default or os.environ.get("FIMLORA_BACKEND") or "auto"
+    if name in _RENAMED:
+        warnings.warn(
+            f"{source}={name!r} is deprecated: the compiled extension's backend is called {_RENAMED[name]!r} "
+            "(it runs on CPU and CUDA)", DeprecationWarning, stacklevel=3)
+        return _RENAMED[name]
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not known; choose one of {', '.join(BACKENDS)}")
+    return name
 
 
 def resolve_backend(
@@ -72,7 +94,7 @@ def resolve_backend(
 ) -> str:
     """The concrete backend a call on tensors of ``device`` and ``dtype`` would use. Raises for
     unknown or unavailable backends."""
-    name = name or _default or os.environ.get("FIMLORA_BACKEND") or "auto"
+    name = _requested(name)
     if name == "auto":
         if dtype == torch.float64:
             return "torch"  # the fused backends take fp32/fp16/bf16 inputs
@@ -81,19 +103,60 @@ def resolve_backend(
             if backend_status(candidate, device)[0]:
                 return candidate
         return "torch"
-    if name not in _MODULES:
-        raise ValueError(f"backend={name!r} is not known; choose one of {', '.join(BACKENDS)}")
     ok, reason = backend_status(name, device)
     if not ok:
-        raise RuntimeError(f"backend {name!r} is not available: {reason}. Use backend='auto' or 'torch'.")
+        where = "" if device is None else f" on {torch.device(device)}"
+        raise RuntimeError(f"backend {name!r} is not available{where}: {reason}. Use backend='auto' or 'torch'.")
     return name
+
+
+@dataclass(frozen=True)
+class DeviceBackends:
+    """What the accumulate op runs on one device: ``runs`` is the backend that the request
+    (``requested``) resolves to for fp32/fp16/bf16 inputs (float64 ones always run ``torch``),
+    or None with the reason in ``problem``; ``status`` is each backend's availability there."""
+
+    device: str
+    requested: str
+    runs: str | None
+    problem: str | None
+    status: dict[str, tuple[bool, str]]
+
+    def lines(self, width: int = 16) -> list[str]:
+        """Human-readable lines, labels right-aligned to ``width``, as ``fimlora env`` prints them."""
+        runs = f"{self.requested} runs {self.runs}" if self.runs is not None else self.problem
+        lines = [f"{'device ' + self.device:>{width}}: {runs}"]
+        for name, (ok, reason) in self.status.items():
+            lines.append(f"{'backend ' + name:>{width}}: {'available' if ok else 'unavailable'} ({reason})")
+        return lines
+
+
+def describe_backends(
+    devices: Sequence[torch.device | str] | None = None, backend: str | None = None
+) -> list[DeviceBackends]:
+    """Per device (default: cpu and every visible CUDA device), the backend a call with
+    ``backend`` (default: as dispatch chooses it, see the module doc) would run and every
+    backend's availability with its reason. Raises only for an unknown backend name."""
+    if devices is None:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = ["cpu", *(f"cuda:{index}" for index in range(count))]
+    requested = _requested(backend)
+    described = []
+    for device in map(torch.device, devices):
+        try:
+            runs, problem = resolve_backend(requested, device), None
+        except RuntimeError as error:
+            runs, problem = None, str(error)
+        status = {name: backend_status(name, device) for name in _MODULES}
+        described.append(DeviceBackends(str(device), requested, runs, problem, status))
+    return described
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Make ``name`` the default backend inside the block."""
     global _default
-    resolve_backend(name)  # fail early on a bad name
+    name = _requested(name)  # fail early on a bad name
     previous, _default = _default, name
     try:
         yield

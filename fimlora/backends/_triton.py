@@ -15,21 +15,25 @@ from ..stats import LayerStats
 
 name = "triton"
 
+
 def available(device=None) -> tuple[bool, str]:
-    """Whether the kernels can run here, and why (never raises)."""
+    """Whether the kernels can run (on ``device``, when given) here, and why (never raises)."""
     try:
         import triton
     except Exception:  # a broken install can raise more than ImportError
         return False, "triton is not installed (pip install triton)"
     version = getattr(triton, "__version__", "?")
+    for_cuda = device is None or torch.device(device).type == "cuda"
     try:
         cuda = torch.cuda.is_available()
     except Exception:
         cuda = False
-    if cuda:
+    if for_cuda and cuda:
         return True, f"triton {version} on CUDA"
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, f"triton {version} interpreter on CPU (TRITON_INTERPRET=1; slow)"
+    if not for_cuda:
+        return False, "CPU tensors need the interpreter (set TRITON_INTERPRET=1; slow)"
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
 
 
