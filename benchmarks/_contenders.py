@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import op_backends  # noqa: E402
 from _memory import Skip  # noqa: E402
 from _workloads import (  # noqa: E402
     Prepared,
@@ -35,6 +36,12 @@ from _workloads import (  # noqa: E402
 
 import fimlora  # noqa: E402
 from fimlora import LayerStats, backends  # noqa: E402
+
+# What the isolated children import once, in the fork server (benchmarks/_memory.py), and whose
+# versions the rows record.
+PRELOAD = ["torch", "torch.func", "transformers", "transformers.models.llama.modeling_llama", "peft", "fimlora",
+           "fimlora._C", "opacus", "backpack"]
+VERSIONS = ("torch", "transformers", "peft", "opacus", "backpack-for-pytorch")
 
 # ---------------------------------------------------------------- the contenders: (workload, spec) -> Prepared
 
@@ -272,7 +279,7 @@ def torch_func_method(w: Workload, spec: dict) -> Prepared:
 
 CONTENDERS: dict[str, Callable[[Workload, dict], Prepared]] = {
     "floor": floor,
-    **{f"fimlora-{name}": fimlora_method(name) for name in ("torch", "cuda", "triton")},
+    **{f"fimlora-{name}": fimlora_method(name) for name in op_backends()},
     "peft": peft_backward,
     "bs1": batch_size_one,
     "bmm": bmm_hook,

@@ -22,6 +22,9 @@ where that is not allowed the baseline is the high-water mark so far, and the ro
 A method that cannot run here raises ``Skip`` with the reason (missing package, say); the parent
 gets ``status: skipped`` and prints it. Any other failure comes back as ``status: error`` with its
 message, and a hung method as ``status: timeout``: one bad contender never stops a benchmark.
+
+Children start without the checkout on their import path (``_common.child_environment``), so
+the checkout's kernels/ never stands in for the PyPI package ``kernels`` (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ import multiprocessing as mp
 import os
 import resource
 import sys
+import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from _common import machine_load
+from _common import child_environment, machine_load
 
 
 class Skip(Exception):
@@ -161,6 +167,8 @@ class Isolated:
     ``worker`` must be a module-level function of the benchmark script (it is pickled by name).
     """
 
+    _starting = threading.Lock()  # child_environment changes os.environ while a child starts
+
     def __init__(self, preload: Sequence[str] = ()):
         method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         self._context = mp.get_context(method)
@@ -170,7 +178,8 @@ class Isolated:
     def run(self, worker: Callable[[dict], dict], spec: dict, *, timeout: float) -> dict:
         receiver, sender = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_child, args=(worker, json.dumps(spec), sender), daemon=True)
-        process.start()
+        with self._starting, child_environment():
+            process.start()
         sender.close()
         try:
             if receiver.poll(timeout):
@@ -186,3 +195,22 @@ class Isolated:
                 process.kill()
             process.join()
             receiver.close()
+
+
+def run_all(isolated: Isolated, entry: Callable[[dict], dict], specs: list[dict], *, jobs: int,
+            timeout: float) -> list[dict]:
+    """``entry(spec)`` for each spec in its own fresh process, ``jobs`` at a time (1 for timings
+    that mean something), printing one line per spec as it ends."""
+    def one(spec: dict) -> dict:
+        started = time.perf_counter()
+        result = isolated.run(entry, spec, timeout=timeout)
+        where = f"{spec['model']} N={spec['N']:>3} L={spec['L']:>4}"
+        note = f"  ({result['reason']})" if result["status"] != "ok" else ""
+        print(f"  {where} {spec['method']:<14} {result['status']:<8} {time.perf_counter() - started:6.1f} s{note}",
+              flush=True)
+        return result
+
+    if jobs <= 1:
+        return [one(spec) for spec in specs]
+    with ThreadPoolExecutor(jobs) as pool:  # each thread only waits on its own child process
+        return list(pool.map(one, specs))

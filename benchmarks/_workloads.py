@@ -24,16 +24,39 @@ from fimlora.losses import IGNORE_INDEX, model_losses, seq_cls_losses  # noqa: E
 from fimlora.samples import sample_layout  # noqa: E402
 from fimlora.targets import find_targets, plan_name  # noqa: E402
 
-# Llama shapes built from config with seeded random weights: the 2-layer test model for --smoke,
-# and the shapes of two real checkpoints, llama2.c's TinyStories models stories260K and stories15M
-LLAMA_PRESETS = {
+# The one table of model shapes of the benchmarks (Llama config numbers; weights are seeded or
+# absent). Measured on CPU with real float32 weights: the 2-layer test model for --smoke, and the
+# shapes of llama2.c's TinyStories checkpoints stories260K and stories15M. At scale (built on
+# the meta device, or on a GPU in bf16): the published configs of LLaMA-2-7B and LLaMA-3-8B.
+LLAMA_SHAPES = {
     "smoke-llama": dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2),
     "tiny-llama": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,  # stories260K
                        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True),
     "small-llama": dict(vocab_size=32000, hidden_size=288, intermediate_size=768, num_hidden_layers=6,  # stories15M
                         num_attention_heads=6, num_key_value_heads=6, tie_word_embeddings=True),
+    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+    "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8),
 }
+MEASURED_MODELS = ["smoke-llama", "tiny-llama", "small-llama"]  # small enough for float32 on a CPU
+AT_SCALE_MODELS = ["llama-2-7b", "llama-3-8b"]
+
+
+def llama_config(name: str, **overrides):
+    """The transformers LlamaConfig of a shape of ``LLAMA_SHAPES``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**LLAMA_SHAPES[name], **overrides)
+
+
+def meta_llama(name: str) -> nn.Module:
+    """A shape of ``LLAMA_SHAPES`` as a LlamaForCausalLM on the meta device (no weights)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(llama_config(name))
 
 
 # ---------------------------------------------------------------- the workload (built before the baseline)
@@ -48,12 +71,12 @@ class Workload:
     alpha: float
 
 
-def llama_model(preset: str, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_model(name: str, seed: int = 0) -> nn.Module:
+    """A shape of ``LLAMA_SHAPES`` with seeded random float32 weights, in eval mode."""
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**LLAMA_PRESETS[preset], max_position_embeddings=2048, attn_implementation="sdpa")
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(llama_config(name, max_position_embeddings=2048, attn_implementation="sdpa")).eval()
 
 
 def token_batches(n: int, length: int, count: int, vocab: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -67,7 +90,7 @@ def token_batches(n: int, length: int, count: int, vocab: int, seed: int = 0) ->
 
 
 def build(spec: dict) -> Workload:
-    if spec["model"] not in LLAMA_PRESETS:
+    if spec["model"] not in MEASURED_MODELS:
         raise Skip(f"unknown model {spec['model']!r}")
     model = llama_model(spec["model"], spec.get("seed", 0))
     batches = token_batches(spec["N"], spec["L"], spec.get("batches", 1), model.config.vocab_size, spec.get("seed", 0))

@@ -1,7 +1,7 @@
 """Calibration at LLaMA-3-8B scale on one GPU (issue 7): step time and peak memory against the
 floor, peak memory against a full-model diagonal Fisher, and the time for the default 8 batches.
 
-The model is LLaMA-3-8B-shaped (published config numbers, `memory_at_scale.CONFIGS`) with random
+The model is LLaMA-3-8B-shaped (published config numbers, `_workloads.LLAMA_SHAPES`) with random
 bf16 weights made on the device (no download, no float32 copy). On the same batches of N x L
 random tokens, side by side in one process:
 
@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, paired_ratio, print_table, synchronize, write_csv  # noqa: E402
 from _contenders import floor_pass  # noqa: E402
 from _memory import measure_peak  # noqa: E402
-from _workloads import LLAMA_PRESETS, freeze, token_batches  # noqa: E402
-from memory_at_scale import CONFIGS  # noqa: E402
+from _workloads import AT_SCALE_MODELS, freeze, llama_config, token_batches  # noqa: E402
 
 import fimlora  # noqa: E402
 
@@ -49,11 +48,10 @@ TOTAL_GOAL_S = 60.0  # 8 batches of 8 x 2048 tokens
 def build_model(name: str, *, device: str, dtype: torch.dtype, length: int, checkpointing: bool, seed: int = 0):
     """A Llama with random weights made directly on ``device`` in ``dtype``: the module tree is
     built on the meta device, then given storage and filled (N(0, 0.02) matrices, unit norms)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    sizes = LLAMA_PRESETS["smoke-llama"] if name == "smoke" else CONFIGS[name]
-    config = LlamaConfig(**sizes, max_position_embeddings=max(length, 2048), attn_implementation="sdpa")
+    config = llama_config(name, max_position_embeddings=max(length, 2048), attn_implementation="sdpa")
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)  # cast while on meta: no float32 copy is ever allocated
     model = model.to_empty(device=device)
@@ -173,7 +171,7 @@ def verdicts(rows: list[dict], *, full_size: bool) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 2 batches of 2 x 16")
-    parser.add_argument("--model", default="llama-3-8b", choices=sorted(CONFIGS))
+    parser.add_argument("--model", default="llama-3-8b", choices=AT_SCALE_MODELS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, default=8, help="samples per batch")
     parser.add_argument("--length", type=int, default=2048, help="tokens per sample")
@@ -187,7 +185,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-fisher", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.device, args.n, args.length, args.batches, args.repeats = "smoke", "cpu", 2, 16, 2, 1
+        args.model, args.device, args.n, args.length, args.batches, args.repeats = "smoke-llama", "cpu", 2, 16, 2, 1
     elif not args.device.startswith("cuda"):
         print(f"{args.model} needs a CUDA device (its bf16 weights alone are tens of GB); use --smoke on a CPU",
               file=sys.stderr)

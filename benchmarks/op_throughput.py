@@ -19,34 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, time_interleaved, write_csv  # noqa: E402
+from _common import environment, op_backends, print_table, time_interleaved, write_csv  # noqa: E402
+from _op import DTYPES, copy_bandwidth, make_inputs, read_bytes  # noqa: E402
 
 from fimlora import LayerStats, backends  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def copy_bandwidth(device: str) -> float:
-    """Measured GB/s of a large device-to-device copy (read + write). 1 GiB, so that the copy
-    lasts far longer than a launch and no cache holds it."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_interleaved({"copy": lambda: dst.copy_(src)}, device=device, repeats=10)["copy"]
-    return 2 * src.numel() / seconds / 1e9
-
-
-def make_inputs(n: int, length: int, d_out: int, r: int, dtype: torch.dtype, device: str):
-    """dy (N*L, d_out), h (N*L, r) and one full-row segment per sample, seeded."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    dy = torch.randn(n * length, d_out, generator=g).to(device=device, dtype=dtype)
-    h = torch.randn(n * length, r, generator=g).to(device=device, dtype=dtype)
-    starts = torch.arange(n) * length
-    return dy, h, torch.stack([starts, starts + length], dim=1).to(device)
-
-
-def read_bytes(dy: torch.Tensor, h: torch.Tensor) -> int:
-    """The bytes the op must read: dy and h once."""
-    return dy.numel() * dy.element_size() + h.numel() * h.element_size()
 
 
 def beyond_cache(nbytes: int, device: str) -> bool:
@@ -73,7 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="CSV file name under benchmarks/results/")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
-    names = [n for n in ("torch", "cuda", "triton") if backends.backend_status(n)[0]]
+    names = [n for n in op_backends() if backends.backend_status(n)[0]]
     if not on_gpu:
         names = [n for n in names if n != "triton"]  # the interpreter is a test tool, not a CPU path
     names.append("auto")

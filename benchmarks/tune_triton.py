@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, write_csv  # noqa: E402
+from _op import DTYPES, copy_bandwidth, make_inputs, read_bytes  # noqa: E402
 from fimlora._kernels.accumulate import accumulate_sample_stats  # noqa: E402
-from op_throughput import DTYPES, copy_bandwidth, make_inputs, read_bytes  # noqa: E402
 
 DEFAULT = "default"
 
