@@ -3,7 +3,7 @@
 # PyTorch, Triton, transformers, peft and pytest already installed; nothing is downloaded), in
 # order of importance, each step only if the time left allows it:
 #   build      the CUDA extension fimlora._C for this GPU (editable install, no dependencies)
-#   gpu_tests  the gpu-marked tests: Triton and CUDA backends against the float64 oracle
+#   gpu_tests  the gpu-marked tests: the triton and compiled backends against the float64 oracle
 #   at_scale   calibration of a LLaMA-3-8B-shaped model: step time and memory against the floor,
 #              memory against a full-model Fisher, 8 batches of 8 x 2048 (benchmarks/calibration_at_scale.py)
 #   op         the op's GB/s per backend against copy bandwidth (benchmarks/op_throughput.py)
@@ -43,7 +43,9 @@ step() {  # step NAME LIMIT_S COMMAND...: run within min(LIMIT_S, time left), lo
 # Without TORCH_CUDA_ARCH_LIST, torch builds for the GPUs it sees (sm_90 on an H200).
 FIMLORA_BUILD_EXT=1 MAX_JOBS=${MAX_JOBS:-16} \
   step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
-$PY -m fimlora.cli env >> "$RUN/env.txt" 2>&1
+# -P: `python -m` would put the checkout's root first on the path, and its kernels/ would stand in
+# for the PyPI package `kernels` (DESIGN §4); the benchmark scripts keep it off themselves.
+$PY -P -m fimlora.cli env >> "$RUN/env.txt" 2>&1
 step gpu_tests 150 $PY -P -m pytest -q -x -m "gpu or interpreter or ext" -p no:cacheprovider \
   tests/test_op.py tests/test_triton_kernel.py tests/test_ext.py
 step at_scale 200 $PY benchmarks/calibration_at_scale.py

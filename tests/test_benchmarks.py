@@ -1,9 +1,14 @@
 """Every benchmark script runs end to end with --smoke (as CI does) and writes its smoke CSV;
-the measuring harness (benchmarks/_memory.py) reports peaks, skips, errors and timeouts."""
+the measuring harness (benchmarks/_memory.py) reports peaks, skips, errors and timeouts; no
+benchmark process, parent or worker, sees the checkout's kernels/ as `kernels` (DESIGN §4); no
+script imports another script."""
 
 from __future__ import annotations
 
+import ast
 import csv
+import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -12,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+CHECKOUT = Path(__file__).resolve().parents[1]
+BENCHMARKS = CHECKOUT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
+OUR_KERNELS = CHECKOUT / "kernels"
 sys.path.insert(0, str(BENCHMARKS))
 
 from _memory import Isolated, Skip, measure_peak, serve  # noqa: E402
@@ -53,12 +60,15 @@ def test_smoke_run_writes_its_csv(script, smoke_runs):
     csv_name, required = SCRIPTS[script]
     done, started = smoke_runs[script]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # bitsandbytes names the `kernels` it found when that is the checkout's folder
+    assert str(OUR_KERNELS) not in done.stdout + done.stderr, "the checkout's kernels/ stood in for `kernels`"
     path = RESULTS / csv_name
     assert path.is_file() and path.stat().st_mtime >= started - 1, f"{path} was not written"
     rows = list(csv.DictReader(path.open()))
     assert rows, f"{path} is empty"
     if "status" in rows[0]:
-        failed = [(r["method"], r["status"], r["reason"]) for r in rows if r["status"] in ("error", "timeout")]
+        failed = [(r["method"], r["status"], r.get("reason") or r.get("note")) for r in rows
+                  if r["status"] in ("error", "timeout", "oom")]
         assert not failed, failed  # a missing optional package is a skip; anything else is a bug
         ran = {r["method"] for r in rows if r["status"] == "ok"}
         assert required <= ran, f"{required - ran} did not run: " + done.stdout[-2000:]
@@ -117,3 +127,54 @@ def test_calibration_at_scale_falls_back_when_a_backend_fails(capsys):
     rows = list(csv.DictReader((RESULTS / "calibration_at_scale_smoke.csv").open()))
     assert {r["backend"] for r in rows} == {"torch"} and all("no-such-backend" in r["note"] for r in rows)
     assert {r["method"]: r["status"] for r in rows} == {"floor": "ok", "fimlora": "ok"}
+
+
+def kernels_origin(spec: dict) -> dict:
+    """Where `kernels` comes from in this process: the module already imported (the fork server
+    imports bitsandbytes, which imports `kernels`), else what an import would find."""
+    module = sys.modules.get("kernels")
+    if module is not None:
+        return {"status": "ok", "origin": str(getattr(module, "__file__", None))}
+    found = importlib.util.find_spec("kernels")
+    return {"status": "ok", "origin": str(found and found.origin)}
+
+
+def from_checkout(origin: str) -> bool:
+    return origin != "None" and Path(origin).resolve().parent == OUR_KERNELS
+
+
+@pytest.mark.slow
+def test_benchmark_workers_never_import_the_checkouts_kernels_folder():
+    """DESIGN §4 for the benchmarks: a parent started from the checkout's root with the root on its
+    path (``python -c`` puts the working directory there) imports a benchmark script, which takes
+    the root off; its workers, started as the benchmarks start them (``Isolated`` and its fork
+    server preloading the contenders' packages, bitsandbytes among them), do not see it either."""
+    assert from_checkout(str(OUR_KERNELS / "__init__.py"))  # the check itself can fail
+    probe = (
+        "import json, sys\n"
+        f"sys.path[:0] = ['', {str(BENCHMARKS)!r}, {str(CHECKOUT / 'tests')!r}]\n"
+        "import calibration_overhead\n"
+        "from _contenders import PRELOAD\n"
+        "from _memory import Isolated\n"
+        "from test_benchmarks import kernels_origin\n"
+        "worker = Isolated(PRELOAD).run(kernels_origin, {}, timeout=240)\n"
+        "print(json.dumps({'parent': kernels_origin({}), 'worker': worker}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["worker"]["status"] == "ok", seen
+    assert not from_checkout(seen["parent"]["origin"]) and not from_checkout(seen["worker"]["origin"]), seen
+    assert str(OUR_KERNELS) not in done.stderr, done.stderr[-3000:]
+
+
+def test_no_script_imports_another_script():
+    """Scripts share code through the underscore modules only (benchmarks/README.md)."""
+    scripts = {path.stem for path in BENCHMARKS.glob("*.py") if not path.name.startswith("_")}
+    for path in BENCHMARKS.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.module}
+        assert not imported & scripts, f"{path.name} imports the script(s) {sorted(imported & scripts)}"
