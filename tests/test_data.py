@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 import sys
 import types
 import warnings
@@ -161,10 +162,20 @@ def test_no_default_text_column(tmp_path):
         read_examples(str(path))
 
 
-def test_missing_file_without_datasets(monkeypatch, tmp_path):
+def test_missing_file_is_not_looked_up_on_the_hub(monkeypatch, tmp_path):
+    def load_dataset(name, split):
+        raise AssertionError(f"{name} was looked up on the Hub")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    for path in (tmp_path / "nope.jsonl", tmp_path / "nope"):
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(path))}: the file does not exist$"):
+            read_examples(str(path))
+
+
+def test_missing_file_without_datasets(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(FileNotFoundError, match=r"does not exist.*pip install datasets"):
-        read_examples(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"'someone/nope': the file does not exist.*pip install datasets"):
+        read_examples("someone/nope")
 
 
 def test_bad_json_names_file_and_line(tmp_path):

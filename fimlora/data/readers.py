@@ -58,7 +58,8 @@ def read_examples(
     limit: int | None = None,
     column_names: Sequence[str] | None = None,
 ) -> TextExamples:
-    """Read examples from a .txt/.jsonl/.csv/.tsv file, or a Hub dataset name if no such file exists.
+    """Read examples from a .txt/.jsonl/.csv/.tsv file, or a Hub dataset name if no such file exists
+(a missing file with one of those suffixes, or an absolute path, is an error instead).
 
     Columns default to "text" (else "sentence", else "sentence1") for the text, "sentence2" as the
     pair when the text column is "sentence1", and "label" when present. `limit` keeps the first N.
@@ -71,6 +72,8 @@ def read_examples(
         raise ValueError(f"column_names is for .csv/.tsv files without a header row, not {path_or_name!r}")
     columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
     path = Path(path_or_name)
+    if not path.exists() and (path.suffix.lower() in SUPPORTED_EXTENSIONS or path.is_absolute()):
+        raise FileNotFoundError(f"{path}: the file does not exist")  # not a Hub name: those have no suffix
     if not path.exists():
         return _read_hub_dataset(str(path_or_name), split=split, limit=limit, **columns)
     suffix = path.suffix.lower()
