@@ -202,6 +202,16 @@ def test_describe_backends_says_what_runs_on_each_device(monkeypatch):
         backends.describe_backends(backend="magic")
 
 
+def test_resolve_backends_per_device(monkeypatch):
+    monkeypatch.setattr(backends, "backend_status", lambda name, device=None: (
+        name == "torch" or (name == "triton") == (torch.device(device).type == "cuda"), "on"))
+    devices = ["cuda:0", "cpu", torch.device("cuda", 0), "cuda:1"]
+    assert backends.resolve_backends("auto", devices) == {"cuda:0": "triton", "cpu": "compiled", "cuda:1": "triton"}
+    assert backends.resolve_backends(None, ["cpu"], torch.float64) == {"cpu": "torch"}
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu"):
+        backends.resolve_backends("triton", devices)
+
+
 def test_describe_backends_lists_cpu_and_every_visible_gpu():
     described = backends.describe_backends()
     assert [d.device for d in described] == ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]

@@ -110,6 +110,15 @@ def resolve_backend(
     return name
 
 
+def resolve_backends(
+    name: str | None, devices: Sequence[torch.device | str], dtype: torch.dtype | None = None
+) -> dict[str, str]:
+    """``resolve_backend`` for each distinct device (e.g. of a model's target layers, which a
+    device_map may spread over several): {device: the backend a call there runs}, to record in a
+    plan. Raises as resolve_backend does, naming the device."""
+    return {str(device): resolve_backend(name, device, dtype) for device in dict.fromkeys(map(torch.device, devices))}
+
+
 @dataclass(frozen=True)
 class DeviceBackends:
     """What the accumulate op runs on one device: ``runs`` is the backend that the request
