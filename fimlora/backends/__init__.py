@@ -75,10 +75,9 @@ def available_backends() -> dict[str, tuple[bool, str]]:
 def _requested(name: str | None) -> str:
     """The backend asked for: ``name``, else use_backend's, else FIMLORA_BACKEND, else auto;
     checked, with an old name mapped to its new one."""
-    source = "backend"
-    if not name and not _default and os.environ.get("FIMLORA_BACKEND"):
-        source = "FIMLORA_BACKEND"
-    name = name or _default or os.environ.get("FIMLORA_BACKEND") or "auto"
+    from_environment = not name and not _default and os.environ.get("FIMLORA_BACKEND")
+    name = name or _default or from_environment or "auto"
+    source = "FIMLORA_BACKEND" if from_environment else "backend"
     if name in _RENAMED:
         warnings.warn(
             f"{source}={name!r} is deprecated: the compiled extension's backend is called {_RENAMED[name]!r} "
