@@ -1,35 +1,85 @@
-"""fimlora: calibration-time gradient-variance rank allocation for PEFT LoRA adapters."""
+"""fimlora: calibration-time gradient-variance rank allocation for PEFT LoRA adapters.
 
-from .adapter import PlanMismatchError, apply_plan, export_for_serving, lora_config_from_plan
-from .allocate import Budget, allocate
-from .backends import available_backends, use_backend
-from .calibrate import CalibrationResult, NonFiniteError, calibrate
-from .fisher import full_fisher
-from .pipeline import get_peft_model, make_plan
-from .plan import LayerPlan, PlanError, RankPlan
-from .probe import draw_calibration_a
-from .stats import LayerStats
+The public names below are loaded on first use, so that ``import fimlora.plan`` (reading a plan
+on a machine without torch) and ``fimlora show`` stay light: nothing here imports torch until a
+name that needs it is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Budget",
-    "CalibrationResult",
-    "LayerPlan",
-    "LayerStats",
-    "NonFiniteError",
-    "PlanError",
-    "PlanMismatchError",
-    "RankPlan",
-    "allocate",
-    "apply_plan",
-    "available_backends",
-    "calibrate",
-    "draw_calibration_a",
-    "export_for_serving",
-    "full_fisher",
-    "get_peft_model",
-    "lora_config_from_plan",
-    "make_plan",
-    "use_backend",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "AllocationConfig": "allocation",
+    "Budget": "budget",
+    "CalibrationResult": "calibrate",
+    "CalibrationSettings": "calibrate",
+    "LayerPlan": "plan",
+    "LayerStats": "stats",
+    "NonFiniteError": "calibrate",
+    "PlanError": "plan",
+    "PlanMismatchError": "adapter",
+    "RankPlan": "plan",
+    "allocate": "allocate",
+    "apply_plan": "adapter",
+    "available_backends": "backends",
+    "calibrate": "calibrate",
+    "draw_calibration_a": "probe",
+    "export_for_serving": "adapter",
+    "full_fisher": "fisher",
+    "get_peft_model": "pipeline",
+    "lora_config_from_plan": "adapter",
+    "make_plan": "pipeline",
+    "plan_model": "pipeline",
+    "use_backend": "backends",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fimlora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """``fimlora.calibrate`` and ``fimlora.allocate`` are functions named like their modules.
+    Importing such a module makes the import system set the package attribute to the module;
+    here that is refused, so the name keeps meaning the function (the module stays importable
+    as ``fimlora.calibrate`` in sys.modules: ``from fimlora.calibrate import ...`` works)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
+    from .adapter import PlanMismatchError, apply_plan, export_for_serving, lora_config_from_plan
+    from .allocate import allocate
+    from .allocation import AllocationConfig
+    from .backends import available_backends, use_backend
+    from .budget import Budget
+    from .calibrate import CalibrationResult, CalibrationSettings, NonFiniteError, calibrate
+    from .fisher import full_fisher
+    from .pipeline import get_peft_model, make_plan, plan_model
+    from .plan import LayerPlan, PlanError, RankPlan
+    from .probe import draw_calibration_a
+    from .stats import LayerStats

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from ._io import atomic_directory
-from .plan import ALPHA_POLICIES, RankPlan
+from .plan import RankPlan
 from .targets import is_conv1d, is_linear_like, is_lora_layer, layer_shape
 
 logger = logging.getLogger("fimlora")
@@ -27,20 +27,6 @@ class PlanMismatchError(ValueError):
 
 def pattern_key(name: str) -> str:
     return "^" + re.escape(name)
-
-
-def layer_alpha(policy: str, base_alpha: float, base_rank: int, rank: int) -> float:
-    """The alpha of a layer of rank ``rank`` under an alpha policy.
-
-    fixed_scale keeps PEFT's scale alpha/r at base_alpha/base_rank in every layer; fixed_alpha
-    keeps alpha itself (PEFT's default: the scale then varies as 1/r); rslora keeps alpha with
-    scale alpha/sqrt(r).
-    """
-    if policy == "fixed_scale":
-        return base_alpha * rank / base_rank
-    if policy in ("fixed_alpha", "rslora"):
-        return float(base_alpha)
-    raise ValueError(f"alpha_policy={policy!r} is not known; use one of {', '.join(ALPHA_POLICIES)}")
 
 
 def check_plan_fits(model: nn.Module, plan: RankPlan) -> dict[str, nn.Module]:
@@ -72,7 +58,7 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
     """A ``peft.LoraConfig`` that gives every planned layer its rank and alpha.
 
     Other settings (dropout, bias, task_type, modules_to_save, init ...) come from
-    ``base_config``. Layers of rank 0 are left out (PEFT rejects r=0). With ``model`` given, the
+    ``base_config``; its ``use_rslora=True`` needs a plan with alpha policy "rslora". Layers of rank 0 are left out (PEFT rejects r=0). With ``model`` given, the
     plan is checked against it first.
     """
     from peft import LoraConfig
@@ -84,9 +70,14 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
     config = copy.deepcopy(base_config) if base_config is not None else LoraConfig()
     if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
         logger.warning("base_config's rank_pattern/alpha_pattern are replaced by the plan")
+    if getattr(config, "use_rslora", False) and plan.alpha_policy != "rslora":
+        # PEFT would scale every layer by alpha/sqrt(r), which the plan's alphas do not assume
+        raise PlanMismatchError(
+            f"base_config has use_rslora=True but the plan's alpha policy is {plan.alpha_policy!r}; make the plan "
+            "with AllocationConfig(alpha_policy='rslora') (or from this LoraConfig), or pass use_rslora=False")
     config.r = plan.base_rank
     config.lora_alpha = plan.base_alpha
-    config.use_rslora = plan.alpha_policy == "rslora"
+    config.use_rslora = plan.alpha_policy == "rslora"  # the plan's alphas assume the policy's scale
     config.target_modules = [layer.name for layer in kept]
     config.rank_pattern = {pattern_key(layer.name): layer.rank for layer in kept}
     config.alpha_pattern = {pattern_key(layer.name): layer.alpha for layer in kept}
@@ -138,7 +129,6 @@ __all__ = [
     "apply_plan",
     "check_plan_fits",
     "export_for_serving",
-    "layer_alpha",
     "lora_config_from_plan",
 ]
 

@@ -1,129 +1,28 @@
 """Integer LoRA ranks per layer from importance scores: proportional, monotone, never over budget.
 
-Rounding leftovers are handed out greedily so that as little budget is wasted as the integers allow.
+Every layer starts at its proportional rank rounded down (a multiple of ``multiple_of``); the
+leftover is then handed out greedily, largest shortfall first, and, when that greedy order leaves
+budget that another choice of increments could spend, an exact search over the increments on top
+of the floors (``_best_fill``) spends as much of it as the integers allow.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from fractions import Fraction
-from numbers import Integral, Real
-from typing import Any
+from collections.abc import Sequence
+from numbers import Real
 
 import numpy as np
 
-from .plan import BUDGET_KINDS
+from .budget import as_whole
 
-__all__ = ["Budget", "allocate", "min_budget"]
+__all__ = ["allocate", "min_budget"]
 
-_PARSE_HELP = ("use 'R' or 'mean:R' (the uniform rank R with the same parameter count, e.g. 8), "
-               "'rank:N' (sum of ranks) or 'params:N' (trainable parameters)")
 _SIG_DIGITS = 12  # normalised scores are rounded to this many digits (see _weights)
 _NO_CAP = np.iinfo(np.int64).max // 4  # "no upper bound" as an int64 that cannot overflow in our sums
-
-
-def _as_int(x: Any) -> int | None:
-    """``x`` as an int if it is a whole number (int or integral float), else None."""
-    if isinstance(x, bool) or not isinstance(x, Real):
-        return None
-    if isinstance(x, Integral):
-        return int(x)
-    return int(x) if math.isfinite(x) and float(x).is_integer() else None
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many LoRA parameters (or ranks) to spend.
-
-    ``kind`` is ``"mean_rank"`` (``value`` is the uniform rank whose parameter count is the budget),
-    ``"rank"`` (``value`` is the sum of ranks) or ``"params"`` (``value`` is sum r_l * (d_in + d_out)).
-    """
-
-    kind: str
-    value: float
-
-    def __post_init__(self) -> None:
-        if self.kind not in BUDGET_KINDS:
-            raise ValueError(f"Budget.kind={self.kind!r} is unknown; use one of {', '.join(BUDGET_KINDS)}")
-        v = self.value
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"Budget.value={v!r} must be a finite number > 0; pass a positive budget")
-        if self.kind == "mean_rank":
-            object.__setattr__(self, "value", float(v))
-            return
-        whole = _as_int(v)
-        if whole is None:
-            raise ValueError(f"Budget.value={v!r} must be a whole number for kind {self.kind!r}; round it")
-        object.__setattr__(self, "value", whole)
-
-    @classmethod
-    def mean_rank(cls, r: float) -> Budget:
-        """The parameter count of a uniform rank-``r`` adapter."""
-        return cls("mean_rank", r)
-
-    @classmethod
-    def total_rank(cls, total: int) -> Budget:
-        """A total number of ranks summed over layers."""
-        return cls("rank", total)
-
-    @classmethod
-    def params(cls, total: int) -> Budget:
-        """A total number of trainable LoRA parameters."""
-        return cls("params", total)
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """Parse the CLI syntax: ``8`` or ``mean:8``, ``rank:96``, ``params:120000``."""
-        prefix, sep, number = text.strip().partition(":")
-        if not sep:
-            prefix, number = "mean", prefix
-        kind = {"mean": "mean_rank", "rank": "rank", "params": "params"}.get(prefix.strip().lower())
-        try:
-            value = float(number)
-        except ValueError:
-            value = None
-        if kind is None or value is None:
-            raise ValueError(f"cannot parse budget {text!r}; {_PARSE_HELP}")
-        try:
-            return cls(kind, value)
-        except ValueError as err:
-            raise ValueError(f"cannot parse budget {text!r}: {err}") from None
-
-    def resolve(self, shapes: Sequence[tuple[int, int]]) -> tuple[int, list[int]]:
-        """Return ``(total, costs)`` for layers of the given ``(d_in, d_out)`` shapes.
-
-        mean_rank r: costs d_in + d_out, total floor(r * sum(costs)); rank: costs all 1, total value;
-        params: costs d_in + d_out, total value.
-        """
-        costs = []
-        for i, shape in enumerate(shapes):
-            dims = [_as_int(d) for d in shape]
-            if len(dims) != 2 or any(d is None or d <= 0 for d in dims):
-                raise ValueError(f"shapes[{i}]={tuple(shape)!r} must be two positive integers (d_in, d_out)")
-            costs.append(dims[0] + dims[1])
-        if not costs:
-            raise ValueError("shapes is empty; pass one (d_in, d_out) per LoRA layer")
-        if self.kind == "rank":
-            return int(self.value), [1] * len(costs)
-        if self.kind == "params":
-            return int(self.value), costs
-        # Exact decimal arithmetic: mean:0.57 over 100 parameters is 57, where 0.57 * 100 floors to 56.
-        return math.floor(Fraction(repr(self.value)) * sum(costs)), costs
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; ``from_dict`` inverts it."""
-        return {"kind": self.kind, "value": self.value}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Budget:
-        """Inverse of ``to_dict``."""
-        missing = [key for key in ("kind", "value") if key not in d]
-        if missing:
-            raise ValueError(f"budget dict lacks {', '.join(missing)}; expected {{'kind': ..., 'value': ...}}")
-        return cls(d["kind"], d["value"])
+# Cells (levels x budget steps) the exact fill may visit; past it the greedy fill stands (see _best_fill).
+_EXACT_FILL_CELLS = 300_000_000
 
 
 def min_budget(costs: Sequence[int], r_min: int, multiple_of: int = 1) -> int:
@@ -136,16 +35,29 @@ def allocate(scores: Sequence[float], total: int, *, costs: Sequence[int] | None
     """Integer ranks, one per score, with sum(rank * cost) <= total.
 
     Ranks lie in [r_min, r_max] (rounded inwards to multiples of ``multiple_of``), are monotone in
-    score, and are proportional to ``(score / max score) ** temperature`` up to those clamps and
-    integer rounding. Leftover budget is handed out greedily, largest shortfall first.
+    score (equal scores: no order between them), and are proportional to
+    ``(score / max score) ** temperature`` up to those clamps and integer rounding: each layer gets
+    at least its proportional rank rounded down. Of the allocations on top of those floors that
+    respect the bounds and monotonicity, the one returned spends the most budget (greedy,
+    largest shortfall first, where that order is as good as any; exact search otherwise; see
+    ``_best_fill`` for the one size limit).
     """
+    s, c, total, k, hi, target, start = _proportional_floor(scores, total, costs, r_min, r_max, multiple_of,
+                                                            temperature)
+    greedy = _fill(target, start, s, c, total, k, hi)
+    best = _best_fill(np.asarray(greedy, dtype=np.int64), start, s, c, total, k, hi)
+    return greedy if best is None else best
+
+
+def _proportional_floor(scores, total, costs, r_min, r_max, multiple_of, temperature):
+    """Validated inputs, the continuous target ranks and their floors (multiples of k, monotone)."""
     s, c, total, lo, hi, k = _validate(scores, total, costs, r_min, r_max, multiple_of, temperature)
     target = _continuous_target(_weights(s, temperature), c, total, lo, hi)
     # Guard against 1-ulp non-monotonicity from pow/clip: the fill relies on targets monotone in score.
     order = np.argsort(-s, kind="stable")
     target[order] = np.minimum.accumulate(target[order])
     start = (np.floor(target / k) * k).astype(np.int64)
-    return _fill(target, start, s, c, total, k, hi)
+    return s, c, total, k, hi, target, start
 
 
 def _validate(scores: Sequence[float], total: int, costs: Sequence[int] | None, r_min: int,
@@ -166,17 +78,17 @@ def _validate(scores: Sequence[float], total: int, costs: Sequence[int] | None, 
     else:
         if len(costs) != s.size:
             raise ValueError(f"costs has {len(costs)} entries but scores has {s.size}; pass one cost per layer")
-        whole = [_as_int(x) for x in costs]
+        whole = [as_whole(x) for x in costs]
         for i, x in enumerate(whole):
             if x is None or x <= 0:
                 raise ValueError(f"costs[{i}]={costs[i]!r} must be a positive integer (e.g. d_in + d_out)")
         c = np.asarray(whole, dtype=np.int64)
-    k = _as_int(multiple_of)
+    k = as_whole(multiple_of)
     if k is None or k < 1:
         raise ValueError(f"multiple_of={multiple_of!r} must be an integer >= 1; use 1 for any rank")
-    if _as_int(r_min) is None or r_min < 0:
+    if as_whole(r_min) is None or r_min < 0:
         raise ValueError(f"r_min={r_min!r} must be an integer >= 0; use 0 to allow dropping layers")
-    if r_max is not None and _as_int(r_max) is None:
+    if r_max is not None and as_whole(r_max) is None:
         raise ValueError(f"r_max={r_max!r} must be an integer or None (no upper bound)")
     if not isinstance(temperature, Real) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature={temperature!r} must be finite and >= 0; use 1 for proportional, 0 for uniform")
@@ -185,7 +97,7 @@ def _validate(scores: Sequence[float], total: int, costs: Sequence[int] | None, 
     if hi is not None and lo > hi:
         raise ValueError(f"r_min={r_min} rounds up to {lo} but r_max={r_max} rounds down to {hi} "
                          f"(multiple_of={k}); lower r_min or raise r_max")
-    whole_total = _as_int(total)
+    whole_total = as_whole(total)
     if whole_total is None:
         raise ValueError(f"total={total!r} must be a whole number of parameters (or ranks)")
     need = min_budget(c, lo)
@@ -276,3 +188,146 @@ def _fill(target: np.ndarray, start: np.ndarray, scores: np.ndarray, costs: np.n
             cap[lower] = np.minimum(cap[lower], rank)
             retired = True
     return [int(r) for r in final]
+
+
+def _best_fill(greedy: np.ndarray, start: np.ndarray, scores: np.ndarray, costs: np.ndarray, total: int,
+               k: int, hi: int | None) -> list[int] | None:
+    """The allocation on top of ``start`` that spends the most, or None when ``greedy`` already does.
+
+    Greedy increments can strand budget that another choice would spend (ties [1,1,1], costs
+    [9,3,7], 108 to spend in steps of 2 up to 6: greedy [6,6,4] spends 100, [6,4,6] all 108), so
+    this is a 0/1 reachability table over the budget left above the floors, in units of the gcd of
+    the step costs: layers are taken in descending score, and the state is (spend, the lowest level
+    reached so far), the ceiling a lower-score layer may not pass. Layers of equal score form one
+    group with no order inside it. Among the allocations that spend the most, the walk back picks
+    levels closest to the greedy's, so ranks move only as far as the extra spend needs.
+
+    The table has (levels x budget units) cells per group; past ``_EXACT_FILL_CELLS`` in all (a
+    leftover of millions of parameters in steps without a common factor: real layer widths share
+    large factors and rank budgets have unit steps) the greedy result stands, within one step cost.
+    """
+    steps = costs * k
+    left = total - int(costs @ start)
+    unit = math.gcd(*(int(x) for x in steps))
+    greedy_extra = int(costs @ (greedy - start))
+    if left - greedy_extra < unit:
+        return None  # nothing left that any increment could use
+    budget = left // unit
+    w = steps // unit
+    level0 = start // k
+    most = level0 + budget // w
+    top = most if hi is None else np.minimum(most, hi // k)
+    base = int(level0.min())
+    lo_i, hi_i = level0 - base, top - base  # each layer's level range, indices into the table
+    levels = int(hi_i.max()) + 1
+    order = np.argsort(-scores, kind="stable")
+    groups = [list(g) for g in _runs(order, scores)]
+    cells = sum(len(g) * levels ** (1 if len(g) == 1 else 2) for g in groups) * (budget + 1) + \
+        len(groups) * levels * (budget + 1)
+    if cells > _EXACT_FILL_CELLS:
+        return None
+    table = np.zeros((levels, budget + 1), dtype=bool)
+    table[levels - 1, 0] = True  # before any layer: no ceiling, nothing spent
+    history = [np.packbits(table, axis=1)]  # kept for the walk back; bits, not bytes, per cell
+    for group in groups:
+        table = _step_group(table, group, lo_i, hi_i, w, budget)
+        history.append(np.packbits(table, axis=1))
+    spendable = np.flatnonzero(table.any(axis=0))
+    best = int(spendable.max())
+    if best * unit <= greedy_extra:
+        return None
+    want = greedy // k - base  # greedy levels, the preference when walking back
+    level_of = np.empty(len(start), dtype=np.int64)
+    ceiling = _closest(np.flatnonzero(table[:, best]), int(want[groups[-1]].min()))
+    spend = best
+    for index in range(len(groups) - 1, -1, -1):
+        group, before = groups[index], np.unpackbits(history[index], axis=1, count=budget + 1).astype(bool)
+        prefer = int(want[groups[index - 1]].min()) if index else levels - 1
+        ceiling, spend = _walk_back(before, group, ceiling, spend, lo_i, hi_i, w, want, prefer, level_of)
+    return [int(x) for x in (level_of + base) * k]
+
+
+def _runs(order: np.ndarray, scores: np.ndarray):
+    """Indices in ``order`` grouped into runs of equal score."""
+    group = [int(order[0])]
+    for i in order[1:]:
+        if scores[i] == scores[group[0]]:
+            group.append(int(i))
+        else:
+            yield group
+            group = [int(i)]
+    yield group
+
+
+def _shift_or(into: np.ndarray, row: np.ndarray, by: int) -> None:
+    if by < into.shape[-1]:
+        into[by:] |= row[: into.shape[-1] - by]
+
+
+def _member(row: np.ndarray, i: int, low: int, high: int, lo_i, w) -> np.ndarray:
+    """Spends reachable from ``row`` when layer i takes a level in [low, high]."""
+    out = np.zeros_like(row)
+    for level in range(low, high + 1):
+        _shift_or(out, row, int(w[i]) * (level - int(lo_i[i])))
+    return out
+
+
+def _step_group(table: np.ndarray, group: list[int], lo_i, hi_i, w, budget: int) -> np.ndarray:
+    """The table after one group of equal-score layers: rows are the new ceiling (the group's lowest
+    level, or less), columns the spend."""
+    new = np.zeros_like(table)
+    if len(group) == 1:
+        (i,) = group
+        reachable = np.logical_or.accumulate(table[::-1], axis=0)[::-1]  # any ceiling >= the row
+        for level in range(int(lo_i[i]), int(hi_i[i]) + 1):
+            _shift_or(new[level], reachable[level], int(w[i]) * (level - int(lo_i[i])))
+        return new
+    for ceiling in np.flatnonzero(table.any(axis=1)):
+        for floor in range(int(ceiling) + 1):
+            row = table[ceiling]
+            for i in group:
+                low, high = max(int(lo_i[i]), floor), min(int(hi_i[i]), int(ceiling))
+                if low > high:
+                    break
+                row = _member(row, i, low, high, lo_i, w)
+            else:
+                new[floor] |= row
+    return new
+
+
+def _closest(candidates: np.ndarray, want: int) -> int:
+    return int(min(candidates, key=lambda c: (abs(int(c) - want), -int(c))))
+
+
+def _walk_back(before, group, ceiling, spend, lo_i, hi_i, w, want, prefer, level_of):
+    """Undo one group of _step_group: set its layers' levels in ``level_of`` and return the ceiling
+    and spend before it, preferring levels (and a previous ceiling) closest to the greedy's."""
+    rows = np.flatnonzero(before.any(axis=1))
+    for previous in sorted((int(r) for r in rows if r >= ceiling), key=lambda r: (abs(r - prefer), -r)):
+        if len(group) == 1:
+            (i,) = group
+            cost = int(w[i]) * (ceiling - int(lo_i[i]))
+            if cost <= spend and before[previous, spend - cost]:
+                level_of[i] = ceiling
+                return previous, spend - cost
+            continue
+        partial = [before[previous]]
+        ranges = []
+        for i in group:
+            low, high = max(int(lo_i[i]), ceiling), min(int(hi_i[i]), previous)
+            if low > high:
+                break
+            ranges.append((low, high))
+            partial.append(_member(partial[-1], i, low, high, lo_i, w))
+        if len(ranges) < len(group) or not partial[-1][spend]:
+            continue
+        left = spend
+        for j in range(len(group) - 1, -1, -1):
+            i, (low, high) = group[j], ranges[j]
+            for level in sorted(range(low, high + 1), key=lambda v: (abs(v - int(want[i])), -v)):
+                cost = int(w[i]) * (level - int(lo_i[i]))
+                if cost <= left and partial[j][left - cost]:
+                    level_of[i], left = level, left - cost
+                    break
+        return previous, left
+    raise AssertionError("exact fill: no way back through the table")  # the table says there is one

@@ -8,7 +8,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -29,16 +29,43 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient statistic became NaN/inf; nothing is allocated from it."""
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How the statistics were measured (recorded in the plan's "calibration" section)."""
+
+    task: str  # a TASKS name, or "custom" for a loss_fn
+    granularity: str
+    num_batches: int  # batches seen, over all ranks
+    samples: int
+    tokens: int
+    calib_rank: int
+    calib_alpha: float
+    use_rslora: bool
+    seed: int
+    backend: str  # the backend that ran
+    world_size: int
+    targets: str | tuple[str, ...]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready (targets as a string or a list)."""
+        d = asdict(self)
+        d["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        return d
+
+
 @dataclass
 class CalibrationResult:
     """Per-layer statistics (keyed by the base model's module names) and how they were made."""
 
     stats: dict[str, LayerStats]
     shapes: dict[str, tuple[int, int]]  # (d_in, d_out)
-    settings: dict = field(default_factory=dict)
+    settings: CalibrationSettings
 
-    def scores(self, score: str | None = None) -> dict[str, float]:
-        score = score or self.settings.get("score", "variance")
+    def scores(self, score: str = "variance") -> dict[str, float]:
+        """One score per layer: the mean of its "variance" or "fisher" statistic (SCORES)."""
+        if score not in SCORES:
+            raise ValueError(f"score={score!r} is not known; use one of {SCORES}")
         return {name: s.score(score) for name, s in self.stats.items()}
 
 
@@ -112,9 +139,7 @@ def prepare_run(model: nn.Module, data, *, targets, task, loss_fn, num_batches, 
     return model, task, layers, chosen_backend, _take_batches(data, num_batches)
 
 
-def _check_settings(score, granularity, rank, stats_dtype) -> None:
-    if score not in SCORES:
-        raise ValueError(f"score={score!r} is not known; use one of {SCORES}")
+def _check_settings(granularity, rank, stats_dtype) -> None:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is not known; use one of {GRANULARITIES}")
     if not isinstance(rank, int) or rank < 1:
@@ -145,7 +170,6 @@ def calibrate(
     alpha: float = 8.0,
     use_rslora: bool = False,
     seed: int = 0,
-    score: str = "variance",
     granularity: str = "sample",
     backend: str | None = None,
     stats_dtype: torch.dtype = torch.float32,
@@ -167,12 +191,11 @@ def calibrate(
         loss_fn: ``(model, batch) -> losses`` of shape (N,), one per sample, instead of ``task``.
         num_batches: how many batches to calibrate on.
         rank, alpha, use_rslora, seed: the calibration LoRA (scale alpha/rank or alpha/sqrt(rank)).
-        score: "variance" (default) or "fisher": which statistic ``result.scores()`` reports.
         granularity: "sample" (per-sample gradients) or "batch" (one gradient per batch).
         backend: accumulate backend, see ``fimlora.backends``.
         train: run in train mode (dropout on) instead of eval mode.
     """
-    _check_settings(score, granularity, rank, stats_dtype)
+    _check_settings(granularity, rank, stats_dtype)
     model, task, layers, chosen_backend, batches = prepare_run(
         model, data, targets=targets, task=task, loss_fn=loss_fn, num_batches=num_batches, backend=backend
     )
@@ -195,22 +218,13 @@ def calibrate(
         if probe.state.count == 0:
             warnings.warn(f"layer {probe.name} received no gradient during calibration; its score is 0", stacklevel=2)
 
-    settings = {
-        "task": task if loss_fn is None else "custom",
-        "score": score,
-        "granularity": granularity,
-        "num_batches": done,
-        "samples": samples,
-        "tokens": tokens,
-        "calib_rank": rank,
-        "calib_alpha": alpha,
-        "use_rslora": use_rslora,
-        "seed": seed,
-        "backend": chosen_backend,
-        "world_size": distributed.world_size(),
-        "targets": targets if isinstance(targets, str) else list(targets),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    settings = CalibrationSettings(
+        task=task if loss_fn is None else "custom", granularity=granularity, num_batches=done, samples=samples,
+        tokens=tokens, calib_rank=rank, calib_alpha=alpha, use_rslora=use_rslora, seed=seed,
+        backend=chosen_backend, world_size=distributed.world_size(),
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        seconds=round(time.perf_counter() - started, 3),
+    )
     return CalibrationResult(
         stats={plan_name(p.name): p.state for p in probes},
         shapes={plan_name(p.name): layer_shape(p.module) for p in probes},
@@ -251,13 +265,13 @@ def run_probes(
                 losses, keep = loss_fn(model, batch), None
             else:
                 losses, keep = model_losses(model, batch, task, layout)
-            _check_losses(losses, layout.num_samples, index)
+            _check_losses(losses, layout.num_samples, _batch_name(index, total))
             session.set_batch(layout, keep, feed.stream_lengths(batch, task))
             if not losses.requires_grad:
                 raise RuntimeError("the loss does not depend on any target layer; check targets and the model's forward")
             losses.sum().backward()
             session.finish_batch()
-            _check_stats(probes, index)
+            _check_stats(probes, _batch_name(index, total))
             done += 1
             samples += layout.num_samples if keep is None else int(keep.sum())
             tokens += int((layout.index >= 0).sum())
@@ -266,7 +280,12 @@ def run_probes(
     return done, samples, tokens
 
 
-def _check_losses(losses: torch.Tensor, n: int, index: int) -> None:
+def _batch_name(index: int, total: int | None) -> str:
+    """"batch 3 of 8 (index 2)": people count from 1, the index says where in the data it is."""
+    return f"batch {index + 1}{f' of {total}' if total else ''} (index {index})"
+
+
+def _check_losses(losses: torch.Tensor, n: int, batch: str) -> None:
     if losses.shape != (n,):
         raise ValueError(
             f"the loss must have one value per sample, shape ({n},); got {tuple(losses.shape)} "
@@ -274,14 +293,14 @@ def _check_losses(losses: torch.Tensor, n: int, index: int) -> None:
         )
     bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
     if bad:
-        raise NonFiniteError(f"non-finite loss in batch {index} (samples {bad}); no ranks were allocated")
+        raise NonFiniteError(f"non-finite loss in {batch} (samples {bad}); no ranks were allocated")
 
 
-def _check_stats(probes, index: int) -> None:
+def _check_stats(probes, batch: str) -> None:
     for probe in probes:
         if not probe.state.is_finite():
             raise NonFiniteError(
-                f"non-finite gradient statistics in layer {probe.name} after batch {index}; no ranks were allocated"
+                f"non-finite gradient statistics in layer {probe.name} after {batch}; no ranks were allocated"
             )
 
 

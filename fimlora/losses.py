@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .choices import TASKS
 from .samples import SampleLayout
 from .targets import base_model
 
-TASKS = ("causal-lm", "seq-cls", "seq2seq-lm")
+__all__ = ["IGNORE_INDEX", "TASKS", "causal_lm_losses", "decoder_inputs", "infer_task", "model_losses",
+           "seq2seq_losses", "seq_cls_losses"]
+
 IGNORE_INDEX = -100
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .choices import QUANTIZATIONS
 from .data import TextExamples, label_ids
 
 logger = logging.getLogger("fimlora")
@@ -23,9 +24,6 @@ def _num_labels(examples: TextExamples) -> int:
     """Classes the head needs for the ids that encoding will give these labels (1: regression)."""
     ids = label_ids(examples.labels, None)
     return 1 if isinstance(ids[0], float) else max(ids) + 1
-
-
-QUANTIZATIONS = ("nf4", "fp4", "int8")
 
 
 def check_quantization(quantize: str | None) -> None:

@@ -3,6 +3,11 @@
 A plan is the hand-off from (expensive) calibration to (cheap) adapter building, and
 people read and edit it by hand, so loading validates every field and says how to fix
 it.  No torch/transformers/peft here: plans can be inspected on any machine.
+
+Format history (``_MIGRATIONS`` upgrades older files on load):
+  1  the allocation settings (r_min, r_max, multiple_of, temperature, score) sat in
+     "calibration"; the compiled backend was recorded as "cuda".
+  2  they have their own "allocation" section; the compiled backend is "compiled".
 """
 
 from __future__ import annotations
@@ -19,20 +24,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from fimlora._io import atomic_write_bytes, atomic_write_text
+from ._io import atomic_write_bytes, atomic_write_text
+from .allocation import AllocationConfig
+from .budget import BUDGET_KINDS, Budget
+from .choices import ALPHA_POLICIES, SCORES
 
-__all__ = ["ALPHA_POLICIES", "BUDGET_KINDS", "PLAN_FORMAT_VERSION", "LayerPlan", "PlanError", "RankPlan",
-           "split_block_and_type"]
+__all__ = ["PLAN_FORMAT_VERSION", "LayerPlan", "PlanError", "RankPlan", "split_block_and_type"]
 
-PLAN_FORMAT_VERSION = 1
-ALPHA_POLICIES = ("fixed_scale", "fixed_alpha", "rslora")
-BUDGET_KINDS = ("mean_rank", "rank", "params")
+PLAN_FORMAT_VERSION = 2
 
 # Key order here is the order written to disk: summary first, the long layer list last.
-_PLAN_KEYS = ("format_version", "alpha_policy", "base_rank", "base_alpha", "budget", "calibration",
-              "versions", "layers")
+_PLAN_KEYS = ("format_version", "alpha_policy", "base_rank", "base_alpha", "budget", "allocation",
+              "calibration", "versions", "layers")
 _LAYER_KEYS = ("name", "d_in", "d_out", "rank", "alpha", "score", "stats")
 _BUDGET_KEYS = ("kind", "value", "total")  # files also carry "used", derived from the layers when written
+_ALLOCATION_KEYS = ("r_min", "r_max", "multiple_of", "temperature", "score")
 _INDEX = re.compile(r"[0-9]+")
 
 
@@ -63,13 +69,21 @@ class RankPlan:
     """Per-layer ranks plus everything needed to reproduce and audit them."""
 
     layers: list[LayerPlan]
-    budget: dict[str, Any]  # {"kind", "value", "total"}; total in the kind's unit (ranks for "rank", else parameters)
+    allocation: AllocationConfig  # resolved: budget, r_min, r_max and alpha_policy all set
+    budget_total: int  # the budget resolved over these layers, in the budget's unit
     base_rank: int  # the uniform rank r the budget was derived from
     base_alpha: float
-    alpha_policy: str  # one of ALPHA_POLICIES
-    calibration: dict[str, Any]  # free-form calibration settings (score, seed, model, ...)
-    versions: dict[str, Any]  # library versions (fimlora, torch, transformers, peft, python)
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the scores were measured (free-form record)
+    versions: dict[str, Any] = field(default_factory=dict)  # library versions (fimlora, torch, transformers, ...)
     format_version: int = PLAN_FORMAT_VERSION
+
+    @property
+    def budget(self) -> Budget:
+        return self.allocation.budget
+
+    @property
+    def alpha_policy(self) -> str:
+        return self.allocation.alpha_policy
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -90,13 +104,18 @@ class RankPlan:
     def budget_used(self) -> int:
         """What the layers spend of the budget, in its unit: the sum of ranks for a "rank"
         budget, trainable parameters otherwise. Derived, so a plan edited by hand stays true."""
-        return sum(lp.rank for lp in self.layers) if self.budget["kind"] == "rank" else self.total_params
+        return sum(lp.rank * self.budget.cost(lp.d_in, lp.d_out) for lp in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         """A deep-copied, JSON-shaped dict (not validated; see :meth:`validate`)."""
         # Free-form dicts are key-sorted so that plan files diff cleanly between runs.
-        top = {k: _sorted(getattr(self, k)) for k in _PLAN_KEYS if k != "layers"}
-        top["budget"] = {**top["budget"], "used": self.budget_used}  # for readers of the file
+        top = {
+            "format_version": self.format_version, "alpha_policy": self.alpha_policy,
+            "base_rank": self.base_rank, "base_alpha": self.base_alpha,
+            "budget": {**self.budget.to_dict(), "total": self.budget_total, "used": self.budget_used},
+            "allocation": self.allocation.to_dict(),
+            "calibration": _sorted(self.calibration), "versions": _sorted(self.versions),
+        }
         layers = [{**dataclasses.asdict(lp), "stats": _sorted(lp.stats)} for lp in self.layers]
         return copy.deepcopy({**top, "layers": layers})
 
@@ -170,10 +189,9 @@ class RankPlan:
 
     def _budget_summary(self) -> str:
         """Budget used vs its total in the budget's unit, and the alpha policy (table footer, plot title)."""
-        total, used = int(self.budget.get("total", 0)), self.budget_used
-        unit = "ranks" if self.budget["kind"] == "rank" else "params"
+        total, used = self.budget_total, self.budget_used
         pct = f"{100.0 * used / total:.1f}%" if total > 0 else "n/a"
-        return f"{unit} {used:,} / {total:,} budget ({pct}) | alpha policy {self.alpha_policy}"
+        return f"{self.budget.unit} {used:,} / {total:,} budget ({pct}) | alpha policy {self.alpha_policy}"
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Atomically save a PNG heatmap of ranks (rows: block, columns: module type); return the path.
@@ -207,7 +225,7 @@ class RankPlan:
         fig.colorbar(image, ax=ax, label="rank")
         if title is None:
             model = self.calibration.get("model")
-            kind, value = self.budget.get("kind", "?"), self.budget.get("value", "?")
+            kind, value = self.budget.kind, self.budget.value
             title = f"LoRA ranks{f': {model}' if model else ''}\nbudget {kind}={value} | {self._budget_summary()}"
         ax.set_title(title, fontsize=9)
         fig.tight_layout()
@@ -329,10 +347,14 @@ class _Parser:
         if version > PLAN_FORMAT_VERSION:
             self.fail("format_version", f"is {version}: written by a newer fimlora (this one reads up to "
                       f"{PLAN_FORMAT_VERSION})", "upgrade fimlora (pip install -U fimlora)")
+        for older in range(version, PLAN_FORMAT_VERSION):
+            d = _MIGRATIONS[older](d)
         self.obj(d, "plan", _PLAN_KEYS)
         budget = self.obj(d["budget"], "budget")
         budget = self.obj({k: v for k, v in budget.items() if k != "used"}, "budget", _BUDGET_KEYS)
         total = self.integer(budget["total"], "budget.total", 0)
+        base_rank = self.integer(d["base_rank"], "base_rank", 1)
+        allocation = self.allocation(d["allocation"], budget, d["alpha_policy"])
         if not isinstance(d["layers"], list):
             self.fail("layers", f"must be a JSON list, got {type(d['layers']).__name__}")
         if not d["layers"]:
@@ -346,19 +368,38 @@ class _Parser:
             first[lp.name] = i
         plan = RankPlan(
             layers=layers,
-            budget={"kind": self.choice(budget["kind"], "budget.kind", BUDGET_KINDS),
-                    "value": self.number(budget["value"], "budget.value"), "total": total},
-            base_rank=self.integer(d["base_rank"], "base_rank", 1),
+            allocation=allocation,
+            budget_total=total,
+            base_rank=base_rank,
             base_alpha=float(self.number(d["base_alpha"], "base_alpha")),
-            alpha_policy=self.choice(d["alpha_policy"], "alpha_policy", ALPHA_POLICIES),
             calibration=copy.deepcopy(self.obj(d["calibration"], "calibration")),
             versions=copy.deepcopy(self.obj(d["versions"], "versions")),
-            format_version=version,
         )
         if plan.budget_used > total:
             self.fail("layers", f"spend {plan.budget_used} of the budget, over budget.total ({total})",
                       "lower some ranks or regenerate the plan")
         return plan
+
+    def allocation(self, section: Any, budget: dict[str, Any], alpha_policy: Any) -> AllocationConfig:
+        self.obj(section, "allocation", _ALLOCATION_KEYS)
+        kind = self.choice(budget["kind"], "budget.kind", BUDGET_KINDS)
+        value = self.number(budget["value"], "budget.value")
+        try:
+            typed_budget = Budget(kind, value)
+        except ValueError as exc:
+            self.fail("budget.value", f"is invalid ({exc})")
+        fields = {
+            "r_min": self.integer(section["r_min"], "allocation.r_min", 0),
+            "r_max": self.integer(section["r_max"], "allocation.r_max", 1),
+            "multiple_of": self.integer(section["multiple_of"], "allocation.multiple_of", 1),
+            "temperature": self.number(section["temperature"], "allocation.temperature"),
+            "score": self.choice(section["score"], "allocation.score", SCORES),
+        }
+        policy = self.choice(alpha_policy, "alpha_policy", ALPHA_POLICIES)
+        try:
+            return AllocationConfig.from_dict(fields, budget=typed_budget, alpha_policy=policy)
+        except ValueError as exc:
+            self.fail("allocation", f"is inconsistent ({exc})")
 
     def layer(self, item: Any, where: str) -> LayerPlan:
         self.obj(item, where, _LAYER_KEYS)
@@ -374,3 +415,27 @@ class _Parser:
             score=float(self.number(item["score"], f"{where}.score")),
             stats={k: self.number(v, f"{where}.stats.{k}", None) for k, v in stats.items()},
         )
+
+
+def _from_v1(d: Any) -> Any:
+    """Format 1 -> 2: the allocation settings move out of "calibration" into "allocation", and the
+    compiled backend's old name "cuda" becomes "compiled" (it runs on CPU and CUDA alike)."""
+    if not isinstance(d, dict) or not isinstance(d.get("calibration"), dict):
+        return d  # the parser names what is wrong
+    d = copy.deepcopy(d)
+    calibration = d["calibration"]
+    moved = {k: calibration.pop(k) for k in _ALLOCATION_KEYS if k in calibration}
+    if calibration.get("backend") == "cuda":
+        calibration["backend"] = "compiled"
+    base_rank = d.get("base_rank")
+    if isinstance(base_rank, int) and not isinstance(base_rank, bool) and base_rank >= 1:
+        # A version-1 file without these keys was made by hand or by other code: the library defaults.
+        defaults = AllocationConfig().resolved(base_rank).to_dict()
+        moved = {**defaults, **moved}
+    d["allocation"] = moved
+    d["format_version"] = 2
+    return d
+
+
+# format version -> the function that upgrades a dict of that version to the next one
+_MIGRATIONS = {1: _from_v1}

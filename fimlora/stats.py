@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-SCORES = ("variance", "fisher")
-GRANULARITIES = ("sample", "batch")
+from .choices import GRANULARITIES, SCORES
+
+__all__ = ["GRANULARITIES", "SCORES", "LayerStats"]
 
 
 @dataclass

@@ -90,18 +90,31 @@ def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _matches(name: str, targets: str | Sequence[str]) -> bool:
-    if isinstance(targets, str):
-        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+def _matches(name: str, targets: re.Pattern | Sequence[str] | None) -> bool:
+    """None is "all-linear"; a pattern must match the whole name; names match as suffixes (PEFT)."""
+    if targets is None:
+        return True
+    if isinstance(targets, re.Pattern):
+        return targets.fullmatch(name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def target_pattern(targets: str) -> re.Pattern:
+    """A regex ``targets`` compiled, or a ValueError naming it and what is wrong with it."""
+    try:
+        return re.compile(targets)
+    except re.error as error:
+        raise ValueError(f"targets regex {targets!r} is not a valid regular expression ({error}); "
+                         "fix it, e.g. r'.*\\.(q_proj|v_proj)'") from None
 
 
 def find_targets(model: nn.Module, targets: str | Sequence[str] = "all-linear") -> dict[str, nn.Module]:
     """The target layers, in model order. Raises if nothing matches, listing what exists."""
     if not isinstance(targets, str) and (not targets or not all(isinstance(t, str) for t in targets)):
         raise ValueError(f"targets must be 'all-linear', a regex string or a non-empty list of names; got {targets!r}")
+    wanted = (None if targets == "all-linear" else target_pattern(targets)) if isinstance(targets, str) else targets
     candidates = candidate_layers(model)
-    found = {name: module for name, module in candidates.items() if _matches(plan_name(name), targets)}
+    found = {name: module for name, module in candidates.items() if _matches(plan_name(name), wanted)}
     if not found:
         suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
         shown = ", ".join(suffixes) if suffixes else "(none: the model has no linear layers)"

@@ -45,7 +45,7 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             result = fimlora.calibrate(model, batches_of(shares(case, rank), 2), num_batches=8, progress=False)
             plan = fimlora.make_plan(result, base_rank=4)
             stats = {name: (s.count, s.mean, s.m2) for name, s in result.stats.items()}
-            out = {"stats": stats, "ranks": plan.ranks, "settings": result.settings}
+            out = {"stats": stats, "ranks": plan.ranks, "settings": result.settings.to_dict()}
             torch.save(out, f"{out_dir}/{case}-{wrapper}-{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -10,9 +10,8 @@ from models import batches_of, random_samples, tiny_bert, tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel
 
 import fimlora
+from fimlora import AllocationConfig, Budget, get_peft_model, make_plan
 from fimlora.adapter import PlanMismatchError, apply_plan, export_for_serving, lora_config_from_plan
-from fimlora.allocate import Budget
-from fimlora.pipeline import get_peft_model, make_plan
 from fimlora.targets import is_lora_layer
 
 
@@ -28,9 +27,9 @@ def _randomise_b(peft_model, seed=0):
             b.copy_(torch.randn(b.shape, generator=g) * 0.1)
 
 
-def _plan(model, **kwargs):
+def _plan(model, base_alpha=None, **allocation):
     result = fimlora.calibrate(model, batches_of(random_samples(8), 4), progress=False, num_batches=2)
-    return make_plan(result, base_rank=4, **kwargs)
+    return make_plan(result, AllocationConfig(**allocation), base_rank=4, base_alpha=base_alpha)
 
 
 def test_one_call_get_peft_model_spends_the_uniform_budget():
@@ -42,7 +41,7 @@ def test_one_call_get_peft_model_spends_the_uniform_budget():
     assert sorted(layers) == sorted(layer.name for layer in plan.layers)
     uniform = sum(4 * (m.in_features + m.out_features) for m in layers.values())
     used = sum(m.r["default"] * (m.in_features + m.out_features) for m in layers.values())
-    assert used == plan.budget_used <= uniform == plan.budget["total"]
+    assert used == plan.budget_used <= uniform == plan.budget_total
     assert used > 0.95 * uniform
     assert {m.r["default"] for m in layers.values()} != {4}, "scores should move ranks away from uniform"
     for name, layer in layers.items():
@@ -115,7 +114,7 @@ def test_serving_export_has_one_global_scale_and_same_outputs(tmp_path):
 def test_rank_zero_layers_are_left_out():
     model = tiny_llama()
     result = fimlora.calibrate(model, batches_of(random_samples(8), 4), progress=False, num_batches=2)
-    plan = make_plan(result, base_rank=4, r_min=0, budget=Budget.total_rank(10))
+    plan = make_plan(result, AllocationConfig(r_min=0, budget=Budget.total_rank(10)), base_rank=4)
     zero = [layer.name for layer in plan.layers if layer.rank == 0]
     assert zero, "a 10-rank budget over 14 layers must leave some at 0"
     config = lora_config_from_plan(plan, model=model)
@@ -166,3 +165,59 @@ def test_a_single_sample_plan_says_why_it_is_uniform():
     with pytest.warns(UserWarning, match="at least 2 samples"):
         plan = make_plan(result, base_rank=4)
     assert set(plan.ranks.values()) == {4}
+
+
+def test_use_rslora_in_the_lora_config_is_honoured():
+    """LoraConfig(use_rslora=True) means the rslora alpha policy: every layer scales alpha/sqrt(r)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, use_rslora=True)
+    peft_model = get_peft_model(tiny_llama(), batches_of(random_samples(8), 4), config, progress=False, num_batches=2)
+    assert peft_model.fimlora_plan.alpha_policy == "rslora"
+    for layer in _lora_layers(peft_model).values():
+        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(layer.r["default"]))
+
+
+def test_use_rslora_against_an_explicit_alpha_policy_is_refused_before_calibration():
+    config = LoraConfig(r=4, target_modules="all-linear", use_rslora=True)
+
+    def data():
+        raise AssertionError("calibration started before the settings were checked")
+        yield
+
+    with pytest.raises(ValueError, match=r"use_rslora=True\) contradicts alpha_policy='fixed_alpha'"):
+        get_peft_model(tiny_llama(), data(), config, allocation=AllocationConfig(alpha_policy="fixed_alpha"))
+    plan = _plan(tiny_llama(), alpha_policy="fixed_scale")
+    with pytest.raises(PlanMismatchError, match=r"use_rslora=True but the plan's alpha policy is 'fixed_scale'"):
+        lora_config_from_plan(plan, config)
+
+
+@pytest.mark.parametrize(
+    ("allocation", "message"),
+    [
+        (dict(alpha_policy="sqrt"), r"AllocationConfig.alpha_policy='sqrt' is not known; use one of fixed_scale"),
+        (dict(score="entropy"), r"AllocationConfig.score='entropy' is not known; use one of variance, fisher"),
+        (dict(r_min=9, r_max=4), r"AllocationConfig.r_min=9 is above r_max=4; lower r_min or raise r_max"),
+        (dict(temperature=float("nan")), r"AllocationConfig.temperature=nan must be finite"),
+        (dict(multiple_of=0), r"AllocationConfig.multiple_of=0 must be an integer >= 1"),
+        (dict(budget="8"), r"AllocationConfig.budget='8' must be a fimlora.Budget"),
+    ],
+)
+def test_bad_allocation_settings_are_refused_when_made(allocation, message):
+    with pytest.raises(ValueError, match=message):
+        AllocationConfig(**allocation)
+
+
+def test_allocation_is_checked_against_the_targets_before_calibration():
+    config = LoraConfig(r=4, target_modules="all-linear")
+
+    def data():
+        raise AssertionError("calibration started before the settings were checked")
+        yield
+
+    with pytest.raises(ValueError, match=r"budget total=10 is infeasible"):
+        get_peft_model(tiny_llama(), data(), config, allocation=AllocationConfig(budget=Budget.total_rank(10)))
+    with pytest.raises(ValueError, match=r"lora_alpha=0 must be a finite number > 0"):
+        get_peft_model(tiny_llama(), data(), LoraConfig(r=4, lora_alpha=0))
+    with pytest.raises(TypeError, match=r"budget belong\(s\) to the allocation: pass allocation=AllocationConfig"):
+        get_peft_model(tiny_llama(), data(), config, budget=Budget.total_rank(10))
+    with pytest.raises(ValueError, match=r"targets regex '\(\[' is not a valid regular expression"):
+        get_peft_model(tiny_llama(), data(), LoraConfig(r=4, target_modules="(["))

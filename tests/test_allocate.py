@@ -1,4 +1,4 @@
-"""Tests for fimlora.allocate: the Budget type and rank allocation under a budget."""
+"""Tests for fimlora.allocate (rank allocation under a budget) and fimlora.budget (the Budget type)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from fimlora.allocate import Budget, allocate, min_budget
+import itertools
+
+import numpy as np
+
+from fimlora.allocate import _proportional_floor, allocate, min_budget
+from fimlora.budget import Budget
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -113,6 +118,62 @@ def test_temperature_zero_is_as_uniform_as_possible(scores: list[float], total: 
     ranks = allocate(scores, total, temperature=0.0, multiple_of=k)
     assert max(ranks) - min(ranks) <= k
     assert total - sum(ranks) < k
+
+
+def test_fill_spends_what_another_choice_of_increments_would() -> None:
+    """Greedy by shortfall gave [6, 6, 4] (100 of 108); [6, 4, 6] is as uniform and spends 108."""
+    assert allocate([1, 1, 1], 108, costs=[9, 3, 7], r_min=1, r_max=6, multiple_of=2) == [6, 4, 6]
+
+
+@st.composite
+def small_problems(draw: st.DrawFn) -> dict[str, Any]:
+    """Problems small enough to enumerate every allocation."""
+    n = draw(st.integers(1, 4))
+    scores = draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.7]), min_size=n, max_size=n))
+    costs = draw(st.lists(st.integers(1, 12), min_size=n, max_size=n))
+    k = draw(st.sampled_from([1, 2, 3]))
+    r_min = draw(st.integers(0, 3))
+    r_max = draw(st.integers(r_min, 9))
+    assume(r_max // k * k >= -(-r_min // k) * k)
+    total = min_budget(costs, r_min, k) + draw(st.integers(0, 9 * sum(costs)))
+    return dict(scores=scores, total=total, costs=costs, r_min=r_min, r_max=r_max, multiple_of=k,
+                temperature=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])))
+
+
+def brute_force_best_spend(p: dict[str, Any], floors: list[int]) -> int:
+    """The most any allocation on top of the proportional floors can spend: every combination of
+    ranks in [floor, r_max] (multiples of k) that is monotone in score and within budget."""
+    k, s, c = p["multiple_of"], p["scores"], p["costs"]
+    _, hi = bounds(p)
+    best = -1
+    for ranks in itertools.product(*(range(f, int(hi) + 1, k) for f in floors)):
+        if spent(list(ranks), c) > p["total"]:
+            continue
+        if any(s[i] > s[j] and ranks[i] < ranks[j] for i in range(len(s)) for j in range(len(s))):
+            continue
+        best = max(best, spent(list(ranks), c))
+    return best
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_fill_reaches_the_best_total_brute_force(p: dict[str, Any]) -> None:
+    ranks = allocate(**p)
+    floors = [int(x) for x in _proportional_floor(p["scores"], p["total"], p["costs"], p["r_min"], p["r_max"],
+                                                   p["multiple_of"], p["temperature"])[-1]]
+    assert all(r >= f for r, f in zip(ranks, floors, strict=True)), "the fill never goes below the proportional floor"
+    assert spent(ranks, p["costs"]) == brute_force_best_spend(p, floors)
+
+
+def test_exact_fill_is_fast_for_a_thousand_real_layers() -> None:
+    """1000 layers of LLaMA-like widths (costs share the factor 256): the exact fill runs, and spends
+    within one step of the gcd of the costs."""
+    rng = np.random.default_rng(0)
+    costs = [int(c) for c in rng.choice([4096 + 4096, 4096 + 1024, 4096 + 14336], size=1000)]
+    scores = [float(x) for x in rng.lognormal(size=1000)]
+    total = 8 * sum(costs) + 777
+    ranks = allocate(scores, total, costs=costs, r_min=4, r_max=16)
+    assert total - 1024 < spent(ranks, costs) <= total  # 1024 = gcd of the costs: the most one can miss
 
 
 def test_proportional_example() -> None:

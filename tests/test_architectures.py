@@ -62,7 +62,7 @@ def test_architecture_matches_per_sample_oracle(name):
     for side in sides:
         batches = batches_of(samples, 3, side=side, causal=task == "causal-lm")
         result = fimlora.calibrate(model, batches, rank=4, alpha=8.0, progress=False)
-        assert result.settings["task"] == task
+        assert result.settings.task == task
         if grads is None:
             grads = oracle_grads(model, samples, list(result.stats), rank=4, alpha=8.0, task=task,
                                  dtype=None if name in MIXTURES else torch.float64)

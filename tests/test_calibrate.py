@@ -67,7 +67,7 @@ def test_bert_classifier_matches_float64_oracle():
     samples = random_samples(9, seed=1)
     batches = batches_of(samples, 4, causal=False)
     result = fimlora.calibrate(model, batches, rank=RANK, alpha=ALPHA, progress=False)
-    assert result.settings["task"] == "seq-cls"
+    assert result.settings.task == "seq-cls"
     assert not any("classifier" in name for name in result.stats)  # the new head is not a target
     grads = oracle_grads(model, samples, list(result.stats), rank=RANK, alpha=ALPHA, task="seq-cls")
     _assert_matches_oracle(result, grads)
@@ -184,9 +184,23 @@ def test_bf16_model_gives_float32_statistics_close_to_float32_model():
 
 def test_scores_follow_the_chosen_statistic():
     model = tiny_llama()
-    result = fimlora.calibrate(model, batches_of(random_samples(6), 3), score="fisher", progress=False)
-    for name, value in result.scores().items():
+    result = fimlora.calibrate(model, batches_of(random_samples(6), 3), progress=False)
+    for name, value in result.scores("fisher").items():
         assert value == pytest.approx(float(result.stats[name].fisher().double().mean()))
+    for name, value in result.scores().items():  # the default: variance
+        assert value == pytest.approx(float(result.stats[name].variance().double().mean()))
+    with pytest.raises(ValueError, match="score='entropy' is not known"):
+        result.scores("entropy")
+
+
+def test_settings_are_a_typed_record():
+    result = fimlora.calibrate(tiny_llama(), batches_of(random_samples(6), 3), num_batches=2, seed=3, progress=False)
+    settings = result.settings
+    assert isinstance(settings, fimlora.CalibrationSettings)
+    assert (settings.num_batches, settings.samples, settings.seed, settings.world_size) == (2, 6, 3, 1)
+    with pytest.raises(AttributeError):
+        settings.seed = 4  # frozen: the record of what ran
+    assert settings.to_dict()["targets"] == "all-linear"
 
 
 def test_packed_row_equals_padded_batch():
@@ -197,7 +211,7 @@ def test_packed_row_equals_padded_batch():
     ids = torch.cat([x for x, _ in samples])[None]
     positions = torch.cat([torch.arange(len(x)) for x, _ in samples])[None]
     packed = fimlora.calibrate(model, [{"input_ids": ids, "position_ids": positions}], num_batches=1, progress=False)
-    assert packed.settings["samples"] == 5
+    assert packed.settings.samples == 5
     for name, stats in padded.stats.items():
         assert packed.stats[name].count == stats.count == 5
         torch.testing.assert_close(packed.stats[name].mean, stats.mean, rtol=1e-4, atol=1e-9)

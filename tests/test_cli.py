@@ -55,7 +55,7 @@ def test_tiny_causal_lm_end_to_end(tiny_model_dir, text_file, tmp_path, capsys):
     assert OUTPUTS <= {p.name for p in out.iterdir()}  # PEFT adds its README.md model card
     plan = RankPlan.load(out / "fimlora_plan.json")
     assert plan.calibration["task"] == "causal-lm" and plan.calibration["samples"] == 12
-    assert plan.budget_used <= plan.budget["total"]
+    assert plan.budget_used <= plan.budget_total
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["rank_pattern"] == {"^" + name.replace(".", r"\."): r for name, r in plan.ranks.items() if r > 0}
     loaded = PeftModel.from_pretrained(tiny_llama(vocab_size=plan_vocab(tiny_model_dir), max_position_embeddings=48), out)
@@ -120,7 +120,8 @@ def test_infeasible_budget_leaves_no_output(tmp_path, capsys, minilm_dir):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-def test_r_min_above_r_max(tmp_path, capsys, minilm_dir):
+def test_r_min_above_r_max(tmp_path, capsys, monkeypatch):
+    _no_model_loaded(monkeypatch)
     _fails(["calibrate", "--out", str(tmp_path / "o"), "--r-min", "9", "--r-max", "4", "--num-batches", "1"], capsys, "r_min")
 
 
@@ -131,9 +132,120 @@ def test_failure_while_writing_leaves_no_partial_directory(tmp_path, capsys, min
         raise OSError("disk full")
 
     monkeypatch.setattr(plan_module.RankPlan, "plot", broken_plot)
-    out = tmp_path / "o"
+    out = tmp_path / "runs" / "x" / "o"  # the directories made for it go too
     _fails(["calibrate", "--out", str(out), "--num-batches", "1"], capsys, "disk full")
     assert not list(tmp_path.iterdir()), "no output and no temporary directory may remain"
+
+
+def _no_model_loaded(monkeypatch):
+    """Make loading any model fail the test: the checks under test must come first."""
+    from fimlora import modelio
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(modelio, "load_model_and_tokenizer", never)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--num-batches", "0"], "argument --num-batches: must be a positive integer, got '0'"),
+        (["--batch-size", "-1"], "argument --batch-size: must be a positive integer, got '-1'"),
+        (["--rank", "0"], "argument --rank: must be a positive integer, got '0'"),
+        (["--alpha", "-8"], "argument --alpha: must be a finite number > 0"),
+        (["--alpha", "nan"], "argument --alpha: must be a finite number > 0"),
+        (["--alpha", "0"], "argument --alpha: must be a finite number > 0 (alpha 0 gives an adapter that does nothing)"),
+        (["--targets", "re:(["], "argument --targets: targets regex '([' is not a valid regular expression"),
+        (["--backend", "cuda-magic"], "argument --backend: invalid choice: 'cuda-magic'"),
+        (["--budget", "ranks:9"], "argument --budget: cannot parse budget 'ranks:9'"),
+        (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_exit_1_with_one_line_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    _no_model_loaded(monkeypatch)
+    out = tmp_path / "runs" / "x" / "y" / "out"
+    assert main(["calibrate", "--out", str(out), *args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fimlora: error:") and message in err[0], err
+    assert not list(tmp_path.iterdir()), "nothing may be created"
+
+
+def test_bad_regex_fails_in_one_line_from_the_console_script(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fimlora.cli", "calibrate", "--out", str(tmp_path / "o"),
+                           "--targets", "re:(["], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "fimlora: error: argument --targets: targets regex '([' is not a valid regular expression "
+        "(unterminated character set at position 1); fix it, e.g. r'.*\\.(q_proj|v_proj)' "
+        "(see fimlora calibrate --help)"]
+
+
+def test_unwritable_out_fails_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
+    _no_model_loaded(monkeypatch)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    _fails(["calibrate", "--out", str(blocker / "out")], capsys, f"--out {blocker / 'out'}: {blocker} is not a directory")
+    import os
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):  # root ignores permissions
+            monkeypatch.setattr("tempfile.mkdtemp", _read_only_mkdtemp)
+        err = _fails(["calibrate", "--out", str(read_only / "a" / "out")], capsys, f"--out {read_only / 'a' / 'out'}: ")
+        assert "cannot create a directory in" in err and "choose a writable --out" in err and ".tmp" not in err
+    finally:
+        read_only.chmod(0o755)
+    assert not list(read_only.iterdir())
+
+
+def _read_only_mkdtemp(*args, **kwargs):
+    raise OSError(30, "Read-only file system")
+
+
+def test_failed_run_removes_the_directories_it_created(tmp_path, capsys, minilm_dir):
+    """A failure after the model was loaded (an infeasible budget) leaves no runs/x/y/z behind."""
+    out = tmp_path / "runs" / "x" / "y" / "z" / "out"
+    _fails(["calibrate", "--out", str(out), "--budget", "rank:10", "--r-min", "2", "--num-batches", "1"], capsys,
+           "infeasible")
+    assert not list(tmp_path.iterdir())
+
+
+def test_r_min_above_r_max_fails_before_the_model_is_loaded(tmp_path, capsys, monkeypatch):
+    _no_model_loaded(monkeypatch)
+    _fails(["calibrate", "--out", str(tmp_path / "o"), "--rank", "4", "--r-min", "9"], capsys,
+           "r_min=9 is above r_max=8")
+
+
+def test_show_imports_no_transformers(tmp_path):
+    import subprocess
+    import sys
+
+    plan = __import__("pathlib").Path(__file__).parent / "data" / "plan_format_1.json"
+    code = ("import sys\nfrom fimlora.cli import main\nassert main(['show', sys.argv[1]]) == 0\n"
+            "print('loaded:', ' '.join(sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(plan)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(done.stdout.rsplit("loaded:", 1)[1].split())
+    assert "bert.pooler.dense" in done.stdout and "fimlora.plan" in loaded
+    assert not {"transformers", "peft"} & loaded
+
+
+def test_parser_choices_come_from_the_library():
+    from fimlora.backends import BACKENDS
+    from fimlora.choices import ALPHA_POLICIES, GRANULARITIES, QUANTIZATIONS, SCORES, TASKS
+    from fimlora.cli.parser import build_parser
+
+    calibrate = build_parser()._subparsers._group_actions[0].choices["calibrate"]
+    choices = {a.dest: tuple(a.choices) for a in calibrate._actions if a.choices}
+    assert choices == {"task": ("auto", *TASKS), "dtype": ("float32", "bfloat16", "float16"), "quantize": QUANTIZATIONS,
+                       "alpha_policy": ALPHA_POLICIES, "score": SCORES, "granularity": GRANULARITIES,
+                       "backend": BACKENDS}
 
 
 def test_unreadable_plan(tmp_path, capsys):

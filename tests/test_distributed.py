@@ -40,12 +40,12 @@ def test_two_ranks_equal_one_process(rank_outputs, case):
 
 def test_mpi_launch_without_accelerate_names_the_fix(monkeypatch):
     """`accelerate launch --cpu` starts processes with mpirun, which sets only its own variables."""
-    from fimlora import distributed
+    from fimlora.cli import launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
     monkeypatch.setitem(__import__("sys").modules, "accelerate", None)  # as if not installed
-    assert distributed.launched_world_size() == 2
+    assert launch.launched_world_size() == 2
     with pytest.raises(RuntimeError, match="pip install accelerate"):
-        distributed.init_from_environment()
+        launch.init_from_environment()
     assert not torch.distributed.is_initialized()

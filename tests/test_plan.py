@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fimlora import _io
+from fimlora import AllocationConfig, Budget, _io
 from fimlora._io import atomic_directory, atomic_write_bytes, atomic_write_text
 from fimlora.plan import (
     PLAN_FORMAT_VERSION,
@@ -36,10 +39,10 @@ def make_plan(names: list[str] | None = None, ranks: list[int] | None = None, **
     ]
     fields: dict[str, Any] = dict(
         layers=layers,
-        budget={"kind": "mean_rank", "value": 8.0, "total": sum(lp.params for lp in layers) + 1000},
+        allocation=AllocationConfig(budget=Budget.mean_rank(8), r_min=4, r_max=16, alpha_policy="fixed_scale"),
+        budget_total=sum(lp.params for lp in layers) + 1000,
         base_rank=8,
         base_alpha=16.0,
-        alpha_policy="fixed_scale",
         calibration={"score": "fisher", "granularity": "layer", "num_batches": 4, "seed": 0,
                      "model": "tiny-llama", "samples": 32, "tokens": 4096},
         versions={"fimlora": "0.1.0", "torch": "2.3.0", "python": "3.11"},
@@ -126,6 +129,11 @@ def _layer_override(i: int, **kv: Any) -> dict[str, Any]:
         (_layer_override(1, stats=[1, 2]), r"layers\[1\]\.stats must be a JSON object"),
         (_layer_override(1, extra=1), r"layers\[1\] has unexpected key\(s\) 'extra'"),
         (plan_dict(alpha_policy="sqrt"), r"alpha_policy must be one of fixed_scale, fixed_alpha, rslora"),
+        (plan_dict(allocation={"r_min": 4, "r_max": 16, "multiple_of": 1, "temperature": 1.0}),
+         r"allocation\.score is missing"),
+        (plan_dict(allocation={"r_min": 9, "r_max": 4, "multiple_of": 1, "temperature": 1.0, "score": "variance"}),
+         r"allocation is inconsistent \(AllocationConfig.r_min=9 is above r_max=4"),
+        (plan_dict(budget={"kind": "rank", "value": 2.5, "total": 10 ** 9}), r"budget\.value is invalid .*whole number"),
         (plan_dict(layers=[]), r"layers is empty"),
         (plan_dict(layers={}), r"layers must be a JSON list"),
         (plan_dict(base_rank=True), r"base_rank must be an integer"),
@@ -288,7 +296,7 @@ def test_table_lists_layers_and_footer() -> None:
         assert f"{lp.d_out} x {lp.d_in}" in text
     ranks = [lp.rank for lp in plan.layers]
     used = sum(lp.rank * (lp.d_in + lp.d_out) for lp in plan.layers)
-    total = plan.budget["total"]
+    total = plan.budget_total
     footer = text.splitlines()[-1]
     assert f"{len(ranks)} layers" in footer
     assert f"{min(ranks)}/{sum(ranks) / len(ranks):.2f}/{max(ranks)}" in footer
@@ -300,7 +308,8 @@ def test_table_lists_layers_and_footer() -> None:
 
 def test_rank_budget_is_reported_in_ranks_and_derived_from_the_layers() -> None:
     plan = make_plan()
-    plan.budget = {"kind": "rank", "value": 100, "total": 100}
+    plan.allocation = dataclasses.replace(plan.allocation, budget=Budget.total_rank(100))
+    plan.budget_total = 100
     used = sum(lp.rank for lp in plan.layers)
     assert plan.budget_used == used
     assert f"ranks {used:,} / 100 budget ({used:.1f}%)" in plan.table().splitlines()[-1]
@@ -383,3 +392,53 @@ def test_plot_handles_200_layers(tmp_path: Path) -> None:
     names = [f"model.layers.{b}.{t}" for b in range(29) for t in LLAMA_TYPES][:200]
     out = make_plan(names=names).plot(tmp_path / "big.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- format versions ----------------------------------------------------------
+
+FORMAT_1 = Path(__file__).parent / "data" / "plan_format_1.json"  # the embedded demo's plan, as format 1 wrote it
+
+
+def test_a_format_1_plan_loads_migrated() -> None:
+    raw = json.loads(FORMAT_1.read_text())
+    assert raw["format_version"] == 1 and raw["calibration"]["backend"] == "cuda"
+    plan = RankPlan.load(FORMAT_1)
+    assert plan.format_version == PLAN_FORMAT_VERSION == 2
+    # the allocation settings leave the calibration record for the typed allocation
+    assert plan.allocation == AllocationConfig(budget=Budget.mean_rank(8), r_min=4, r_max=16, multiple_of=1,
+                                               temperature=1.0, alpha_policy="fixed_scale", score="variance")
+    assert not {"r_min", "r_max", "multiple_of", "temperature", "score"} & set(plan.calibration)
+    assert plan.calibration["backend"] == "compiled"  # the compiled backend's new name
+    assert plan.budget_total == raw["budget"]["total"] and plan.budget_used == raw["budget"]["used"]
+    assert [(lp.name, lp.rank, lp.alpha, lp.score, lp.stats) for lp in plan.layers] == [
+        (d["name"], d["rank"], d["alpha"], d["score"], d["stats"]) for d in raw["layers"]]
+    assert {k: v for k, v in plan.calibration.items() if k != "backend"} == {
+        k: v for k, v in raw["calibration"].items()
+        if k not in ("backend", "r_min", "r_max", "multiple_of", "temperature", "score")}
+
+
+def test_a_migrated_plan_saves_in_the_current_format(tmp_path: Path) -> None:
+    plan = RankPlan.load(FORMAT_1)
+    saved = json.loads(plan.save(tmp_path / "plan.json").read_text())
+    assert saved["format_version"] == 2 and saved["allocation"]["r_min"] == 4
+    assert RankPlan.load(tmp_path / "plan.json") == plan
+
+
+def test_a_format_1_plan_without_allocation_keys_gets_the_defaults() -> None:
+    raw = json.loads(FORMAT_1.read_text())
+    for key in ("r_min", "r_max", "multiple_of", "temperature", "score"):
+        del raw["calibration"][key]
+    plan = RankPlan.from_dict(raw)
+    assert (plan.allocation.r_min, plan.allocation.r_max, plan.allocation.score) == (4, 16, "variance")
+
+
+def _fresh_modules(code: str) -> set[str]:
+    done = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sys.modules))"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return set(done.stdout.split())
+
+
+def test_reading_a_plan_needs_no_torch() -> None:
+    loaded = _fresh_modules(f"import fimlora.plan\nfimlora.plan.RankPlan.load({str(FORMAT_1)!r}).table()")
+    assert "fimlora.plan" in loaded
+    assert not {"torch", "transformers", "peft"} & loaded

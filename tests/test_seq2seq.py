@@ -24,7 +24,7 @@ def test_seq2seq_matches_float64_oracle(make_model):
     model = make_model()
     samples = seq2seq_samples(7, seed=3)
     result = fimlora.calibrate(model, seq2seq_batches(samples, 4), rank=4, alpha=8.0, progress=False)
-    assert result.settings["task"] == "seq2seq-lm"
+    assert result.settings.task == "seq2seq-lm"
     names = list(result.stats)
     assert any(".encoder." in f".{n}" for n in names) and any(".decoder." in f".{n}" for n in names)
     grads = oracle_grads(model, samples, names, rank=4, alpha=8.0, task="seq2seq-lm")
