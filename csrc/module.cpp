@@ -1,7 +1,8 @@
 // The Python module fimlora._C. It holds no Python bindings: importing it loads the shared
 // library, whose static initialisers register the fimlora::* operators with the dispatcher
-// (torch.ops.fimlora.*). It only carries two facts about the build, so that fimlora/_ext.py
-// can refuse a library built for another torch before anything calls into it.
+// (torch.ops.fimlora.*). It only carries two facts about the build, so that the loader in
+// fimlora/backends/_compiled.py can refuse a library built for another torch before anything
+// calls into it.
 
 #include <Python.h>
 
