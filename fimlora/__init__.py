@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -69,17 +68,3 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily above
-    from .adapter import PlanMismatchError, apply_plan, export_for_serving, lora_config_from_plan
-    from .allocate import allocate
-    from .allocation import AllocationConfig
-    from .backends import available_backends, use_backend
-    from .budget import Budget
-    from .calibrate import CalibrationResult, CalibrationSettings, NonFiniteError, calibrate
-    from .fisher import full_fisher
-    from .pipeline import get_peft_model, make_plan, plan_model
-    from .plan import LayerPlan, PlanError, RankPlan
-    from .probe import draw_calibration_a
-    from .stats import LayerStats

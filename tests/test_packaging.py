@@ -60,3 +60,18 @@ def test_installed_wheel_imports_outside_the_checkout(wheel, tmp_path):
     assert module_file.startswith(str(site)), "the installed wheel, not the checkout, must be imported"
     assert not kernels_origin.startswith(str(site)), "the wheel installed a top-level `kernels`"
     assert int(examples) == 128
+
+
+def test_public_api_is_explicit_and_covers_the_readme():
+    """Every ``fimlora.<name>`` the README uses is in ``__all__`` and resolves; nothing private is."""
+    import re
+
+    import fimlora
+
+    readme = (ROOT / "README.md").read_text()
+    used = set(re.findall(r"\bfimlora\.([A-Za-z_]\w*)\b", readme)) - {"data", "cli", "_C", "_kernels", "__all__"}
+    assert used <= set(fimlora.__all__), sorted(used - set(fimlora.__all__))
+    assert all(not name.startswith("_") for name in fimlora.__all__)
+    for name in fimlora.__all__:
+        assert getattr(fimlora, name) is not None
+    assert callable(fimlora.calibrate) and callable(fimlora.allocate)  # functions, not their modules
