@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fimlora import Budget, LayerPlan, RankPlan, allocate, apply_plan, calibrate
+from fimlora import AllocationConfig, Budget, LayerPlan, RankPlan, allocate, apply_plan, calibrate
 from fimlora.data import make_batches
 from fimlora.plan import split_block_and_type
 from fimlora.targets import find_targets, layer_shape, plan_name
@@ -81,9 +81,11 @@ def build_model(model: nn.Module, ranks: dict[str, int], shapes: dict[str, tuple
     alpha = 2.0 * budget.rank
     layers = [LayerPlan(name=n, d_in=shapes[n][0], d_out=shapes[n][1], rank=r, alpha=alpha * r / budget.rank, score=0.0)
               for n, r in ranks.items()]
-    total, _ = Budget.mean_rank(budget.rank).resolve(list(shapes.values()))
-    plan = RankPlan(layers=layers, budget={"kind": "mean_rank", "value": float(budget.rank), "total": int(total)},
-                    base_rank=budget.rank, base_alpha=alpha, alpha_policy="fixed_scale", calibration={}, versions={})
+    allocation = AllocationConfig(budget=Budget.mean_rank(budget.rank), r_min=budget.r_min, r_max=budget.r_max,
+                                  alpha_policy="fixed_scale")
+    total, _ = allocation.budget.resolve(list(shapes.values()))
+    plan = RankPlan(layers=layers, allocation=allocation, budget_total=int(total), base_rank=budget.rank,
+                    base_alpha=alpha, calibration={}, versions={})
     config = LoraConfig(r=budget.rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(TARGETS),
                         task_type="SEQ_CLS", modules_to_save=["classifier"])
     torch.manual_seed(seed)
