@@ -140,11 +140,13 @@ def test_prompt_layouts(tmp_path):
                             ALPACA_PROMPT.format(instruction="colour of", input="grass")]
     assert alpaca.texts[1].endswith("### Input:\ngrass\n\n### Response:\n") and alpaca.completions == ["yes", "green"]
     assert read_examples(str(path)) == alpaca  # instruction + output columns: the alpaca layout by default
+    assert read_examples(str(path)).columns == {"prompt_template": "alpaca", "completion_column": "output"}
     assert read_examples(str(path), prompt_template="alpaca", completion_column="a").completions == ["blue", "green"]
     own = read_examples(str(path), prompt_template="Q: {q}\nA: ", completion_column="a")
     assert (own.texts, own.completions) == (["Q: sky?\nA: ", "Q: grass?\nA: "], ["blue", "green"])
     columns = read_examples(str(path), prompt_column="q", completion_column="a")
     assert (columns.texts, columns.completions) == (["sky?", "grass?"], ["blue", "green"])
+    assert columns.columns == {"prompt_column": "q", "completion_column": "a"}
     assert columns.select([1]) == TextExamples(["grass?"], completions=["green"])
 
 
@@ -171,6 +173,7 @@ def test_chat_and_prompt_completion_columns_are_found_as_trl_finds_them(tmp_path
     chats.write_text("\n".join(json.dumps({"messages": chat, "id": i}) for i, chat in enumerate(CHATS)), encoding="utf-8")
     examples = read_examples(str(chats))
     assert examples.messages == CHATS and examples.completions is None
+    assert examples.columns == {"messages_column": "messages"}
     assert examples.texts[2] == "user: grass ?\nassistant: green"
     assert read_examples(str(chats), messages_column="messages", limit=1).messages == CHATS[:1]
     pairs = write_json(tmp_path / "pairs.json", [{"prompt": p, "completion": c} for p, c in PAIRS])

@@ -13,7 +13,7 @@ import importlib.resources
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .prompts import ALPACA, check_messages, plain_chat, prompt_fields, render_prompt
@@ -33,6 +33,10 @@ class TextExamples:
     the loss covers the completion tokens only. Chat examples have ``messages`` (one list of
     ``{"role", "content"}`` dicts each): ``texts`` are then a plain "role: content" rendering for
     display, and the encoding goes through the tokenizer's chat template instead.
+
+    ``columns`` records what the reader chose, defaults and layouts found from the columns
+    included (e.g. ``{"prompt_template": "alpaca", "completion_column": "output"}``), for a
+    summary or a plan; it takes no part in equality.
     """
 
     texts: list[str]
@@ -40,6 +44,7 @@ class TextExamples:
     labels: list | None = None
     completions: list[str] | None = None
     messages: list[list[dict]] | None = None
+    columns: dict[str, str] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.completions is not None and self.messages is not None:
@@ -59,7 +64,7 @@ class TextExamples:
             return None if values is None else [values[i] for i in indices]
 
         return TextExamples(pick(self.texts), pick(self.text_pairs), pick(self.labels), pick(self.completions),
-                            pick(self.messages))
+                            pick(self.messages), self.columns)
 
 
 def read_examples(
@@ -276,6 +281,8 @@ def _select(
         labels=(_parse_numbers(labels) if numeric_labels else labels) if label_column is not None else None,
         completions=[str(c) for c in values["completions"]] if layout["completion_column"] is not None else None,
         messages=values["messages"] if layout["messages_column"] is not None else None,
+        columns={name: value for name, value in {"text_column": text_column, "text_pair_column": text_pair_column,
+                                                 "label_column": label_column, **layout}.items() if value is not None},
     )
 
 
