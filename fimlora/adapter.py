@@ -93,17 +93,22 @@ def apply_plan(model: nn.Module, plan: RankPlan, base_config=None):
     return get_peft_model(model, lora_config_from_plan(plan, base_config, model=model))
 
 
-def export_for_serving(peft_model, directory: str | Path, *, adapter_name: str = "default", overwrite: bool = False) -> Path:
+def export_for_serving(peft_model, directory: str | Path, *, adapter_name: str = "default", overwrite: bool = False,
+                       max_lora_rank: int | None = None) -> Path:
     """Save an adapter that every runtime scales the same way.
 
     Servers such as vLLM apply one global scale lora_alpha / r and ignore ``alpha_pattern``.
     Here each layer's own scale is folded into its lora_B, relative to that global scale, and
     alpha_pattern is rewritten so that PEFT also computes exactly lora_alpha / r for every layer
     (use_rslora off). Loading the result with PEFT gives the same outputs as ``peft_model``.
+    ``max_lora_rank`` (the server's, e.g. vLLM's ``--max-lora-rank``: it sizes every slot by it
+    and pads smaller ranks) is checked against every layer's rank before anything is written.
     """
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    if max_lora_rank is not None:
+        _check_max_lora_rank(peft_model, adapter_name, max_lora_rank)
     config = copy.deepcopy(peft_model.peft_config[adapter_name])
     global_scale = config.lora_alpha / config.r
     state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()}
@@ -122,6 +127,20 @@ def export_for_serving(peft_model, directory: str | Path, *, adapter_name: str =
         config.save_pretrained(str(tmp))
         save_file(state, str(Path(tmp) / "adapter_model.safetensors"))
     return directory
+
+
+def _check_max_lora_rank(peft_model, adapter_name: str, max_lora_rank: int) -> None:
+    if isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int) or max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank={max_lora_rank!r} must be a positive integer (the server's limit)")
+    over = [(name, module.r[adapter_name]) for name, module in peft_model.base_model.model.named_modules()
+            if is_lora_layer(module) and adapter_name in module.r and module.r[adapter_name] > max_lora_rank]
+    if over:
+        shown = ", ".join(f"{name} has rank {rank}" for name, rank in over[:5]) + (
+            f" (and {len(over) - 5} more)" if len(over) > 5 else "")
+        raise ValueError(
+            f"{len(over)} layer(s) exceed max_lora_rank={max_lora_rank}: {shown}; re-plan with "
+            f"AllocationConfig(r_max={max_lora_rank}), or raise the server's limit (vLLM: --max-lora-rank "
+            f"{max(rank for _, rank in over)})")
 
 
 __all__ = [
