@@ -196,12 +196,11 @@ def test_bad_conversations_name_the_item(tmp_path, conversation, message):
 # ---------------------------------------------------------------- encoding, against TRL's SFTTrainer
 
 
-def _trl_batch(tokenizer, rows, **config):
+def _trl_batch(tokenizer, rows, output_dir, **config):
     """The batch TRL's SFTTrainer builds from ``rows`` (its dataset preparation and collator)."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    args = trl.SFTConfig(output_dir="unused", max_length=64, report_to="none", use_cpu=True,
-                         dataset_kwargs={}, **config)
+    args = trl.SFTConfig(output_dir=str(output_dir), max_length=64, report_to="none", use_cpu=True, **config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trl.SFTTrainer(model=tiny_llama(), args=args, train_dataset=datasets.Dataset.from_list(rows),
@@ -219,21 +218,22 @@ def _assert_same_batch(ours, theirs):
         assert ours[key].tolist() == theirs[key].tolist(), key
 
 
-def test_prompt_completion_labels_match_trl_completion_only_loss():
+def test_prompt_completion_labels_match_trl_completion_only_loss(tmp_path):
     tokenizer = tiny_tokenizer()
     ours = _fimlora_batch(prompt_examples(), tokenizer)
-    theirs = _trl_batch(tokenizer, [{"prompt": p, "completion": c} for p, c in PAIRS], completion_only_loss=True)
+    theirs = _trl_batch(tokenizer, [{"prompt": p, "completion": c} for p, c in PAIRS], tmp_path, completion_only_loss=True)
     _assert_same_batch(ours, theirs)
     first = ours["labels"][0]
     assert first[first != -100].tolist() == tokenizer(" blue</s>", add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("template", [MARKED_TEMPLATE, PLAIN_TEMPLATE], ids=["generation-markers", "prefix"])
-def test_chat_labels_match_trl_assistant_only_loss(template):
+def test_chat_labels_match_trl_assistant_only_loss(template, tmp_path):
     """TRL needs {% generation %} markers; a template without them (rendering the same text)
     gives the same labels through prefix-by-prefix renderings."""
     ours = _fimlora_batch(TextExamples(["" for _ in CHATS], messages=CHATS), tiny_tokenizer(template))
-    theirs = _trl_batch(tiny_tokenizer(MARKED_TEMPLATE), [{"messages": chat} for chat in CHATS], assistant_only_loss=True)
+    theirs = _trl_batch(tiny_tokenizer(MARKED_TEMPLATE), [{"messages": chat} for chat in CHATS], tmp_path,
+                        assistant_only_loss=True)
     _assert_same_batch(ours, theirs)
 
 
