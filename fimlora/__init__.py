@@ -23,6 +23,7 @@ _EXPORTS = {
     "LayerStats": "stats",
     "NonFiniteError": "calibrate",
     "PlanError": "plan",
+    "PlanCallback": "integrations",
     "PlanMismatchError": "adapter",
     "RankPlan": "plan",
     "allocate": "allocate",
@@ -33,9 +34,11 @@ _EXPORTS = {
     "export_for_serving": "adapter",
     "full_fisher": "fisher",
     "get_peft_model": "pipeline",
+    "lora_config": "integrations",
     "lora_config_from_plan": "adapter",
     "make_plan": "pipeline",
     "plan_model": "pipeline",
+    "save_pretrained": "integrations",
     "use_backend": "backends",
 }
 

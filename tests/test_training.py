@@ -18,9 +18,8 @@ from peft import LoraConfig, PeftModel
 from transformers import Trainer, TrainingArguments
 
 import fimlora
-from fimlora import AllocationConfig, RankPlan
-from fimlora.adapter import PlanMismatchError
-from fimlora.integrations import PLAN_FILE, PlanCallback, lora_config, save_pretrained
+from fimlora import AllocationConfig, PlanCallback, PlanMismatchError, RankPlan, lora_config, save_pretrained
+from fimlora.integrations import PLAN_FILE
 from fimlora.targets import is_lora_layer
 
 os.environ.setdefault("WANDB_DISABLED", "true")
