@@ -19,6 +19,19 @@ from pathlib import Path
 __all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_directory"]
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(path: Path, mode: int) -> None:
+    """Give a temporary file (mkstemp: 0600) or directory (mkdtemp: 0700) the mode an ordinary
+    ``open``/``mkdir`` would have given it: ``mode`` (0666 / 0777) less the umask."""
+    os.chmod(path, mode & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically and return the path.
 
@@ -35,6 +48,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        _publish(Path(tmp_name), 0o666)
         os.replace(tmp_name, target)
     except BaseException:
         # BaseException: a KeyboardInterrupt must not leave litter behind either.
@@ -72,6 +86,13 @@ def atomic_directory(path: str | os.PathLike[str], overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _publish(tmp, 0o777)
+        # what was written inside, by whatever means, gets ordinary modes; links (and what they point to) are left alone
+        for root, dirs, files in os.walk(tmp):  # followlinks=False: never walks into a linked directory
+            for name in dirs + files:
+                entry = Path(root, name)
+                if not entry.is_symlink():
+                    _publish(entry, 0o777 if entry.is_dir() else 0o666)
         _commit(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
