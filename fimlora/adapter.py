@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from ._io import atomic_directory
-from .plan import RankPlan
+from .modelinfo import AUTO_CLASSES, PEFT_TASK_TYPES, head_kwargs, head_modules, model_task
+from .plan import PlanError, RankPlan
 from .targets import is_conv1d, is_linear_like, is_lora_layer, layer_shape
 
 logger = logging.getLogger("fimlora")
@@ -75,6 +76,7 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
         raise PlanMismatchError(
             f"base_config has use_rslora=True but the plan's alpha policy is {plan.alpha_policy!r}; make the plan "
             "with AllocationConfig(alpha_policy='rslora') (or from this LoraConfig), or pass use_rslora=False")
+    _set_task(config, plan, model)
     config.r = plan.base_rank
     config.lora_alpha = plan.base_alpha
     config.use_rslora = plan.alpha_policy == "rslora"  # the plan's alphas assume the policy's scale
@@ -84,6 +86,33 @@ def lora_config_from_plan(plan: RankPlan, base_config=None, model: nn.Module | N
     if planned is not None and all(is_conv1d(planned[layer.name]) for layer in kept):
         config.fan_in_fan_out = True  # Conv1D stores its weight (d_in, d_out); PEFT needs to know
     return config
+
+
+def check_task_type(config, task: str | None) -> str | None:
+    """PEFT's task_type for a calibration ``task``; a ``config.task_type`` that contradicts it is refused."""
+    wanted = PEFT_TASK_TYPES.get(task)
+    given = getattr(config, "task_type", None)
+    given = getattr(given, "value", given)  # PEFT's TaskType enum or its string
+    if wanted is not None and given is not None and given != wanted:
+        raise PlanMismatchError(
+            f"LoraConfig(task_type={given!r}) contradicts the calibration task {task} (task_type={wanted!r}); "
+            f"pass task_type={wanted!r} (or None), or calibrate with the task you train (task=...)")
+    return wanted
+
+
+def _set_task(config, plan: RankPlan, model: nn.Module | None) -> None:
+    """The task the plan was calibrated for sets PEFT's task_type (so the right PeftModel class
+    wraps the model, and AutoPeftModelFor... reloads it) and, for sequence classification, a trainable
+    head (modules_to_save), unless the base config says otherwise; a contradicting task_type is refused."""
+    task = plan.calibration.get("task")
+    wanted = check_task_type(config, task)
+    if wanted is None:  # a custom loss_fn: the user knows what they calibrated for
+        return
+    config.task_type = wanted
+    if task == "seq-cls" and model is not None and getattr(config, "modules_to_save", None) is None:
+        heads = head_modules(model, {layer.name for layer in plan.layers if layer.rank > 0})
+        if heads:
+            config.modules_to_save = heads  # a fresh head that stayed frozen would never learn
 
 
 def apply_plan(model: nn.Module, plan: RankPlan, base_config=None):
@@ -143,11 +172,84 @@ def _check_max_lora_rank(peft_model, adapter_name: str, max_lora_rank: int) -> N
             f"{max(rank for _, rank in over)})")
 
 
+PLAN_FILE = "fimlora_plan.json"
+
+
+def _adapter_plan(directory: Path) -> RankPlan:
+    path = directory / PLAN_FILE
+    if not path.is_file():
+        raise PlanMismatchError(f"{directory} has no {PLAN_FILE}, so fimlora cannot check it; load it with "
+                                "peft.PeftModel.from_pretrained, or point at the directory fimlora wrote")
+    return RankPlan.load(path)
+
+
+def check_adapter(base_model: nn.Module, directory: str | Path) -> RankPlan:
+    """Check that the adapter fimlora wrote in ``directory`` fits ``base_model`` before PEFT loads it.
+
+    PEFT loads an adapter onto the wrong model class (``AutoModel`` instead of the sequence
+    classifier) without complaint: the anchored rank_pattern keys then match nothing and every layer
+    silently gets the uniform rank. Here the plan's record is compared with the model: its class (the
+    task it was built for), its head (num_labels) and every planned layer's name and shape. Raises
+    PlanMismatchError in one line naming the expected class and how to load it; returns the plan."""
+    directory = Path(directory)
+    plan = _adapter_plan(directory)
+    record = plan.calibration
+    expected_task, expected_class = record.get("task"), record.get("model_class")
+    auto = record.get("auto_class") or AUTO_CLASSES.get(expected_task)
+    kwargs = head_kwargs(record)
+    shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k in ("num_labels", "problem_type"))
+    fix = (f"load the base with transformers.{auto}.from_pretrained(base{', ' + shown if shown else ''})"
+           if auto else "load the base model the adapter was calibrated on")
+    actual_class = type(getattr(base_model, "get_base_model", lambda: base_model)()).__name__
+    if expected_task in AUTO_CLASSES and model_task(base_model) != expected_task:
+        raise PlanMismatchError(
+            f"the adapter in {directory} was built for a {expected_class or expected_task} ({expected_task}), "
+            f"but this base model is a {actual_class}; {fix}")
+    config = getattr(base_model, "config", None)
+    if "num_labels" in kwargs and getattr(config, "num_labels", None) != kwargs["num_labels"]:
+        raise PlanMismatchError(
+            f"the adapter in {directory} has a head of num_labels={kwargs['num_labels']}, but this base model has "
+            f"num_labels={getattr(config, 'num_labels', None)}; {fix} (fimlora.base_model_kwargs gives them all)")
+    try:
+        check_plan_fits(base_model, plan)
+    except PlanMismatchError as error:
+        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)
+        raise PlanMismatchError(f"the adapter in {directory} does not fit this {actual_class} ({first}); {fix}") from None
+    return plan
+
+
+def load_adapter(base_model: nn.Module, directory: str | Path, **peft_kwargs):
+    """``peft.PeftModel.from_pretrained(base_model, directory, **peft_kwargs)`` after
+    :func:`check_adapter`: a base of the wrong class, head or shapes is refused instead of loading
+    a silently uniform adapter. ``is_trainable=True`` to train it further."""
+    from peft import PeftModel
+
+    plan = check_adapter(base_model, directory)
+    model = PeftModel.from_pretrained(base_model, str(directory), **peft_kwargs)
+    model.fimlora_plan = plan
+    return model
+
+
+def base_model_kwargs(directory: str | Path) -> dict:
+    """The ``from_pretrained`` keyword arguments (num_labels, id2label, label2id, problem_type)
+    that give a base model the head the adapter in ``directory`` was built with:
+    ``AutoModelForSequenceClassification.from_pretrained(base, **fimlora.base_model_kwargs(out))``."""
+    try:
+        return head_kwargs(_adapter_plan(Path(directory)).calibration)
+    except PlanError as error:
+        raise PlanMismatchError(str(error)) from None
+
+
 __all__ = [
+    "PLAN_FILE",
     "PlanMismatchError",
+    "base_model_kwargs",
     "apply_plan",
+    "check_adapter",
     "check_plan_fits",
+    "check_task_type",
     "export_for_serving",
+    "load_adapter",
     "lora_config_from_plan",
 ]
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .choices import TASKS
+from .modelinfo import model_task
 from .samples import SampleLayout
 from .targets import base_model
 
@@ -93,18 +94,13 @@ def seq_cls_losses(logits: torch.Tensor, labels: torch.Tensor, problem_type: str
 
 def infer_task(model) -> str:
     """causal-lm, seq-cls or seq2seq-lm from the model class (looking through a PEFT wrapper)."""
-    base = base_model(model)
-    cls = type(base).__name__
-    if cls.endswith("ForCausalLM") or cls.endswith("LMHeadModel"):
-        return "causal-lm"
-    if cls.endswith("ForSequenceClassification"):
-        return "seq-cls"
-    if cls.endswith("ForConditionalGeneration") and getattr(base.config, "is_encoder_decoder", False):
-        return "seq2seq-lm"
-    raise ValueError(
-        f"cannot tell the task of a {cls}; pass task='causal-lm', 'seq-cls' or 'seq2seq-lm', "
-        "or loss_fn=(model, batch) -> per-sample losses of shape (N,)"
-    )
+    task = model_task(model)
+    if task is None:
+        raise ValueError(
+            f"cannot tell the task of a {type(base_model(model)).__name__}; pass task='causal-lm', 'seq-cls' or "
+            "'seq2seq-lm', or loss_fn=(model, batch) -> per-sample losses of shape (N,)"
+        )
+    return task
 
 
 def model_losses(model, batch: dict, task: str, layout: SampleLayout) -> tuple[torch.Tensor, torch.Tensor]:
