@@ -112,6 +112,31 @@ class AllocationConfig:
         """Raise now, before any calibration work, if these settings cannot succeed on these layers."""
         self.allocate([1.0] * len(shapes), shapes)
 
+    def unreachable(self, shapes: Sequence[tuple[int, int]]) -> str | None:
+        """Why the budget cannot shape the ranks on these layers, whatever the scores, or None.
+
+        A budget at or above what r_max in every layer costs gives every layer r_max (a uniform
+        adapter, part of the budget unspent); one that pays for no more than r_min everywhere gives
+        every layer r_min. Raises ValueError when it pays for no rank at all."""
+        self._require_resolved()
+        total, costs = self.budget.resolve(shapes)
+        k = self.multiple_of
+        lo, hi = -(-self.r_min // k) * k, self.r_max // k * k  # the clamps rounded inwards, as allocate does
+        ceiling, floor = hi * sum(costs), lo * sum(costs)
+        step = k * min(costs)
+        if hi == 0 or (lo == 0 and total < step):
+            raise ValueError(f"the budget ({total:,} {self.budget.unit}) pays for no rank in any layer (one rank "
+                             f"step costs at least {step:,}); raise the budget or lower multiple_of")
+        if total >= ceiling:
+            spent = 100.0 * ceiling / total
+            return (f"r_max={self.r_max} caps every layer, so the adapter is uniform rank {hi} and spends {spent:.0f}% "
+                    f"of the budget ({ceiling:,} of {total:,} {self.budget.unit}); raise r_max (--r-max) above the "
+                    "budget's mean rank, or lower the budget (or raise the base rank, --rank, which moves both)")
+        if total - floor < step:
+            return (f"the budget ({total:,} {self.budget.unit}) pays for no more than r_min={self.r_min} in every "
+                    "layer, so the adapter is uniform; lower r_min (--r-min) or raise the budget")
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """The plan file's "allocation" section (the budget and alpha policy are written beside it)."""
         return {"r_min": self.r_min, "r_max": self.r_max, "multiple_of": self.multiple_of,
