@@ -7,7 +7,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from numbers import Real
@@ -18,17 +21,21 @@ import torch
 from torch import nn
 
 from ._io import atomic_directory
-from .adapter import apply_plan
+from .adapter import apply_plan, check_task_type
 from .allocation import AllocationConfig, layer_alpha
 from .calibrate import CalibrationResult, calibrate
 from .data import make_batches
+from .modelinfo import describe_model, model_task, resolved_name_or_path
 from .plan import LayerPlan, RankPlan
 from .targets import find_targets, layer_shape
 from .versions import library_versions
 
-__all__ = ["as_batches", "check_alpha", "get_peft_model", "make_plan", "plan_model", "write_adapter"]
+__all__ = ["ADAPTER_FILES", "BASE_DIR", "as_batches", "check_alpha", "get_peft_model", "make_plan", "plan_model",
+           "write_adapter"]
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "fimlora_plan.json", "rank_map.png")
+# README.md is PEFT's model card; BASE_DIR (sequence classifiers) holds the base model with its head's config
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "fimlora_plan.json", "rank_map.png")
+BASE_DIR = "base"
 
 
 def check_alpha(alpha: Any, name: str = "lora_alpha") -> float:
@@ -52,6 +59,13 @@ def _warn_if_scores_cannot_rank(scores: Mapping[str, float], score: str, samples
                   stacklevel=3)
 
 
+def _warn_if_unreachable(allocation: AllocationConfig, shapes: Sequence[tuple[int, int]]) -> None:
+    """A budget the clamps keep from shaping the ranks gives a uniform adapter: say which clamp binds."""
+    reason = allocation.unreachable(shapes)
+    if reason:
+        warnings.warn(f"the budget cannot be allocated by score: {reason}", stacklevel=3)
+
+
 def make_plan(
     result: CalibrationResult,
     allocation: AllocationConfig | None = None,
@@ -69,6 +83,13 @@ def make_plan(
     added to the plan's calibration record.
     """
     allocation = (allocation or AllocationConfig()).resolved(base_rank)
+    _warn_if_unreachable(allocation, [result.shapes[name] for name in result.stats])
+    return _build_plan(result, allocation, base_rank=base_rank, base_alpha=base_alpha, model_name=model_name,
+                       record=record)
+
+
+def _build_plan(result: CalibrationResult, allocation: AllocationConfig, *, base_rank: int, base_alpha: float | None,
+                model_name: str | None, record: Mapping[str, Any] | None) -> RankPlan:
     base_alpha = check_alpha(base_rank if base_alpha is None else base_alpha, "base_alpha")
     names = list(result.stats)
     shapes = [result.shapes[name] for name in names]
@@ -103,10 +124,22 @@ def _targets_of(lora_config, model: nn.Module) -> str | Sequence[str]:
     return sorted(targets)
 
 
-def as_batches(data, *, batch_size: int, num_batches: int, pad_token_id: int):
+def fingerprint(rows: Iterable[Any]) -> str:
+    """sha256 of the rows' content (JSON, one line per row): the same rows in the same order give the same value."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return "sha256:" + digest.hexdigest()
+
+
+def as_batches(data, *, batch_size: int, num_batches: int, pad_token_id: int, shuffle: bool = True, seed: int = 0,
+               record: dict | None = None):
     """Batches from ``data``: a DataLoader or iterable of batch dicts is used as it is; a dataset of
     tokenised examples (a ``datasets.Dataset`` or a list of dicts with 1-D ``input_ids``) is padded
-    into batches of ``batch_size``."""
+    into batches of ``batch_size``, from a ``seed``-ed draw of its rows (the first rows with
+    ``shuffle=False``). For examples, ``record`` (if given) receives the rows used: their count,
+    whether they were shuffled and a fingerprint of their token ids."""
     if not (hasattr(data, "__getitem__") and hasattr(data, "__len__")) or len(data) == 0:
         return data
     first = data[0]
@@ -114,10 +147,16 @@ def as_batches(data, *, batch_size: int, num_batches: int, pad_token_id: int):
         return data  # already a sequence of batches
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in first]
     count = min(len(data), batch_size * num_batches)
-    rows = (data[i] for i in range(count))  # a datasets row is decoded once, not once per key
+    order = range(count)
+    if shuffle:  # a private generator: the same seed draws the same rows, global RNG untouched
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    rows = (data[i] for i in order)  # a datasets row is decoded once, not once per key
     features = [{k: torch.as_tensor(row[k]) for k in keys} for row in rows]
     for feature in features:
         feature.setdefault("attention_mask", torch.ones_like(feature["input_ids"]))
+    if record is not None:
+        record["rows"] = {"count": len(features), "of": len(data), "shuffled": bool(shuffle),
+                          "fingerprint": fingerprint(f["input_ids"].tolist() for f in features)}
     return make_batches(features, batch_size=batch_size, pad_token_id=pad_token_id)
 
 
@@ -128,6 +167,7 @@ def plan_model(
     *,
     allocation: AllocationConfig | None = None,
     batch_size: int = 8,
+    shuffle: bool = True,
     record: Mapping[str, Any] | None = None,
     **calibrate_kwargs,
 ) -> RankPlan:
@@ -136,7 +176,9 @@ def plan_model(
     Everything that can be checked without calibrating is checked first: the allocation settings
     (``allocation``, defaults from ``lora_config.r``) against the target layers' shapes, alpha, and
     ``lora_config.use_rslora`` against the alpha policy. ``calibrate_kwargs`` go to
-    :func:`fimlora.calibrate` (num_batches, rank, seed, backend, ...).
+    :func:`fimlora.calibrate` (num_batches, rank, seed, backend, ...). A dataset of tokenised
+    examples is drawn from in a seeded random order (``shuffle=False``: its first rows). The plan
+    records the model's class, the task, the head (sequence classifiers) and the rows used.
     """
     from peft import LoraConfig
 
@@ -148,39 +190,93 @@ def plan_model(
     allocation = (allocation or AllocationConfig()).resolved(lora_config.r, use_rslora=bool(lora_config.use_rslora))
     check_alpha(lora_config.lora_alpha)
     targets = _targets_of(lora_config, model)
-    allocation.check([layer_shape(module) for module in find_targets(model, targets).values()])
+    found = find_targets(model, targets)
+    shapes = [layer_shape(module) for module in found.values()]
+    allocation.check(shapes)
+    _warn_if_unreachable(allocation, shapes)
+    task = calibrate_kwargs.get("task") or (None if calibrate_kwargs.get("loss_fn") else model_task(model))
+    check_task_type(lora_config, task)
+    record = {**describe_model(model, task, set(found)), **(record or {})}
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
     batches = as_batches(data, batch_size=batch_size, num_batches=calibrate_kwargs.get("num_batches", 8),
-                         pad_token_id=pad_token_id)
+                         pad_token_id=pad_token_id, shuffle=shuffle, seed=calibrate_kwargs.get("seed", 0), record=record)
     result = calibrate(model, batches, targets=targets, **calibrate_kwargs)
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
-    return make_plan(result, allocation, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha,
-                     model_name=model_name, record=record)
+    return _build_plan(result, allocation, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha,
+                       model_name=model_name, record=record)
 
 
 def get_peft_model(model: nn.Module, data: Iterable[Mapping], lora_config=None, *,
-                   allocation: AllocationConfig | None = None, batch_size: int = 8, **calibrate_kwargs):
+                   allocation: AllocationConfig | None = None, batch_size: int = 8, shuffle: bool = True,
+                   **calibrate_kwargs):
     """Calibrate ``model`` on ``data``, allocate ranks, and return the ready ``PeftModel``.
 
     A drop-in for ``peft.get_peft_model(model, lora_config)`` for Trainer/TRL users: the base
     ``lora_config`` gives the uniform rank whose parameter count is the budget, alpha, the target
-    modules and everything else (dropout, task type, ``use_rslora`` ...); ``allocation`` changes
-    the budget, clamps, rounding, temperature, alpha policy or score. The plan is kept on the
-    returned model as ``peft_model.fimlora_plan``. ``data`` is a DataLoader or any iterable of dict
-    batches, or a dataset of tokenised examples (padded here into batches of ``batch_size``).
+    modules and everything else (dropout, ``use_rslora`` ...); ``allocation`` changes the budget,
+    clamps, rounding, temperature, alpha policy or score. The task calibrated for sets
+    ``task_type`` (SEQ_CLS, CAUSAL_LM, SEQ_2_SEQ_LM) where ``lora_config`` leaves it None (a
+    contradicting one is refused), and a sequence classifier's head is trained
+    (``modules_to_save``) unless ``lora_config`` names its own. The plan is kept on the returned
+    model as ``peft_model.fimlora_plan``. ``data`` is a DataLoader or any iterable of dict batches,
+    or a dataset of tokenised examples (padded here into batches of ``batch_size``, drawn in a
+    seeded random order unless ``shuffle=False``).
     """
-    plan = plan_model(model, data, lora_config, allocation=allocation, batch_size=batch_size, **calibrate_kwargs)
-    peft_model = apply_plan(model, plan, lora_config)
+    plan = plan_model(model, data, lora_config, allocation=allocation, batch_size=batch_size, shuffle=shuffle,
+                      **calibrate_kwargs)
+    peft_model = _wrap(model, plan, lora_config)
     peft_model.fimlora_plan = plan
     return peft_model
 
 
+def _wrap(model: nn.Module, plan: RankPlan, lora_config):
+    """``apply_plan``, with the base model's local path made absolute (so that the saved adapter
+    reloads with AutoPeftModelFor... from any working directory; hub ids stay ids)."""
+    peft_model = apply_plan(model, plan, lora_config)
+    for config in peft_model.peft_config.values():
+        config.base_model_name_or_path = resolved_name_or_path(config.base_model_name_or_path)
+    return peft_model
+
+
+def _write_base(model: nn.Module, plan: RankPlan, directory: Path) -> str | None:
+    """A sequence classifier's base as AutoPeftModelForSequenceClassification will load it:
+    ``directory/BASE_DIR`` holds the model's config with its head (num_labels, label map,
+    problem_type) and links to every other file of the local base model (weights, tokenizer), so
+    nothing is copied. Returns its final absolute path, or None when the base is not a local
+    directory (a hub id) or no head was recorded."""
+    source = plan.calibration.get("base_model")
+    if "head" not in plan.calibration or not source or not os.path.isdir(source):
+        return None
+    base = directory / BASE_DIR
+    base.mkdir()
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(base)
+    for entry in sorted(Path(source).iterdir()):
+        if entry.name != "config.json" and not entry.name.startswith("."):
+            os.symlink(entry.resolve(), base / entry.name)
+    return BASE_DIR
+
+
 def write_adapter(model: nn.Module, plan: RankPlan, lora_config, directory: str | Path, *,
-                  overwrite: bool = False) -> Path:
-    """Write ``ADAPTER_FILES`` (the freshly initialised PEFT adapter of ``plan``, the plan and its
-    heatmap) into ``directory``, all at once or nothing."""
+                  overwrite: bool = False) -> list[str]:
+    """Write ``ADAPTER_FILES`` (the freshly initialised PEFT adapter of ``plan``, ready to train:
+    ``inference_mode: false``; the plan and its heatmap) into ``directory``, all at once or nothing;
+    for a sequence classifier also ``BASE_DIR``, the base model with its head, which the adapter
+    names as its base. Returns the names written."""
+    directory = Path(directory)
+    final = directory.absolute()
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        apply_plan(model, plan, lora_config).save_pretrained(str(tmp))
+        peft_model = _wrap(model, plan, lora_config)
+        base = _write_base(model, plan, tmp)
+        peft_model.save_pretrained(str(tmp))
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["inference_mode"] = False  # PEFT always saves True; this adapter is made to be trained
+        if base is not None:
+            config["base_model_name_or_path"] = str(final / base)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         plan.save(tmp / "fimlora_plan.json")
         plan.plot(tmp / "rank_map.png")
-    return Path(directory)
+        written = sorted(p.name for p in tmp.iterdir())
+    return written
