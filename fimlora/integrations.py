@@ -27,15 +27,13 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapter import PlanMismatchError, lora_config_from_plan
+from .adapter import PLAN_FILE, PlanMismatchError, lora_config_from_plan
 from .allocation import AllocationConfig
 from .pipeline import plan_model
 from .plan import RankPlan
 from .targets import is_lora_layer
 
 __all__ = ["PLAN_FILE", "PlanCallback", "lora_config", "save_pretrained"]
-
-PLAN_FILE = "fimlora_plan.json"
 
 
 def lora_config(model: nn.Module, data: Iterable[Mapping], base_config=None, *,
