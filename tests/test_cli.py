@@ -365,3 +365,36 @@ def test_quantize_without_bitsandbytes_fails_before_loading(tmp_path, capsys, mo
     _fails(["calibrate", "--model", str(tmp_path / "never-read"), "--quantize", "nf4", "--out", str(tmp_path / "o")],
            capsys, "pip install bitsandbytes")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_calibrates_on_completions_of_a_json_file(tmp_path, tiny_model_dir, capsys):
+    """A .json array in the instruction/input/output layout: the loss covers the completion only,
+    so the scores differ from calibrating on the whole text; the summary names the layout."""
+    rows = [{"instruction": f"say number {i}", "input": "" if i % 2 else f"politely {i}", "output": f"number {i} it is"}
+            for i in range(16)]
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(rows))
+    common = ["calibrate", "--model", str(tiny_model_dir), "--num-batches", "2", "--batch-size", "4", "--no-shuffle"]
+    assert main([*common, "--data", str(data), "--out", str(tmp_path / "sft")]) == 0
+    err = capsys.readouterr().err
+    assert "prompt_template=alpaca" in err and "completion_column=output" in err
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text("\n".join(json.dumps({"text": r["instruction"] + " " + r["output"]}) for r in rows))
+    assert main([*common, "--data", str(whole), "--out", str(tmp_path / "whole")]) == 0
+    sft = RankPlan.load(tmp_path / "sft" / "fimlora_plan.json")
+    plain = RankPlan.load(tmp_path / "whole" / "fimlora_plan.json")
+    assert [layer.score for layer in sft.layers] != pytest.approx([layer.score for layer in plain.layers], rel=1e-3)
+    assert sft.calibration["columns"]["completion_column"] == "output"
+
+
+def test_cli_target_column_on_a_causal_lm_points_to_prompt_and_completion(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "pc.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) for i in range(8)))
+    out = tmp_path / "out"
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--data", str(data), "--text-column", "prompt",
+                 "--target-column", "completion", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prompt-column and --completion-column" in err[0]
+    assert not out.exists()
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--data", str(data), "--prompt-column", "prompt",
+                 "--completion-column", "completion", "--num-batches", "2", "--batch-size", "4", "--out", str(out)]) == 0

@@ -194,7 +194,7 @@ def test_calibrating_on_summary_and_ignored_columns(bert_dir, llama_dir, tmp_pat
                  "--target-column", "completion", "--out", str(tmp_path / "pc")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "--target-column completion would be ignored" in err[0]
-    assert "--text-column" in err[0] and not (tmp_path / "pc").exists()
+    assert "--prompt-column and --completion-column" in err[0] and not (tmp_path / "pc").exists()
 
 
 # 7. a seeded shuffle by default, --no-shuffle for the first rows, the rows used recorded

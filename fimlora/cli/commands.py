@@ -69,11 +69,22 @@ def _calibrate(args, allocation) -> int:
         examples = fdata.read_examples(args.data, text_column=columns.get("text"),
                                        text_pair_column=columns.get("text_pair"),
                                        label_column=columns.get("label", columns.get("target")), split=args.split,
-                                       limit=None if args.shuffle else wanted)
+                                       limit=None if args.shuffle else wanted, prompt_column=args.prompt_column,
+                                       completion_column=args.completion_column,
+                                       prompt_template=args.prompt_template, messages_column=args.messages_column)
     else:
         examples = fdata.builtin_examples()
+    # a layout the reader found from the columns (prompt/completion, chat, a template) is what is used
+    layout = {k: v for k, v in (examples.columns or {}).items() if k not in ("text_column", "text_pair_column",
+                                                                             "label_column")}
+    if layout:
+        columns.update(layout)
+        if columns.get("unused"):
+            columns["unused"] = [name for name in columns["unused"] if name not in layout.values()]
     if task == "causal-lm":
-        examples = fdata.TextExamples(examples.texts, examples.text_pairs)  # no labels: the text is its own target
+        # no labels: the text (or its completion / assistant turns) is its own target
+        examples = fdata.TextExamples(examples.texts, examples.text_pairs, None, examples.completions,
+                                      examples.messages, examples.columns)
     available = len(examples)
     if args.shuffle:  # a seeded draw from the whole file, the same on every rank, before sharding
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
@@ -95,8 +106,9 @@ def _calibrate(args, allocation) -> int:
                                      label_names=label_names)
     rows = {"count": len(examples), "of": available if args.shuffle or available < wanted else None,
             "shuffled": bool(args.shuffle), "seed": args.seed,
-            "fingerprint": fingerprint(zip(examples.texts, examples.text_pairs or [None] * len(examples),
-                                           examples.labels or [None] * len(examples), strict=True))}
+            "fingerprint": fingerprint(zip(examples.texts, *(values or [None] * len(examples) for values in (
+                examples.text_pairs, examples.labels)), *(values for values in (examples.completions, examples.messages)
+                                                         if values is not None), strict=True))}
     tokens = sum(int(feature["attention_mask"].sum()) for feature in features)
     if not args.quiet and distributed.rank() == 0:
         print(calibrating_on(args.data, columns, rows, tokens, task, model.config, args.max_length), file=sys.stderr)
@@ -129,8 +141,8 @@ def data_columns(args, task: str) -> dict:
 
     if task == "causal-lm" and args.target_column:
         raise ValueError(f"--target-column {args.target_column} would be ignored: causal-lm calibration scores the "
-                         "text's own tokens, so the target text would be dropped; put prompt and target in one "
-                         "--text-column (a prompt/completion mode is not there yet), or calibrate a seq2seq model")
+                         "text's own tokens, so the target text would be dropped; use --prompt-column and --completion-column "
+                         "(the loss then covers the completion), or calibrate a seq2seq model")
     if task == "causal-lm" and args.label_column:
         raise ValueError(f"--label-column {args.label_column} would be ignored: causal-lm calibration has no labels; "
                          "drop it, or calibrate a classifier (--task seq-cls)")

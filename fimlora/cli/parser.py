@@ -129,13 +129,22 @@ def build_parser() -> Parser:
     model.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
                        help="load the base model quantized by bitsandbytes (QLoRA); needs bitsandbytes")
     data = cal.add_argument_group("data")
-    data.add_argument("--data", help=".txt/.jsonl/.csv/.tsv file, or a HF datasets name (default: built-in sentences)")
+    data.add_argument("--data", help=".txt/.jsonl/.json/.csv/.tsv file, or a HF datasets name (default: built-in sentences)")
     data.add_argument("--text-column", help="column of the text (default: text, else sentence, else sentence1)")
     data.add_argument("--text-pair-column",
                       help="second text of pair tasks, e.g. sentence2 (default: sentence2 when the text is sentence1)")
     data.add_argument("--label-column", help="class or score of sequence classification (default: label, if present); "
                                              "strings become classes in sorted order, floats a regression")
     data.add_argument("--target-column", help="target text of seq2seq-lm examples (encoder-decoder models only)")
+    data.add_argument("--prompt-column",
+                      help="causal-lm: prompt text; with --completion-column the loss covers the completion only, as SFT trains")
+    data.add_argument("--completion-column", help="causal-lm: completion text, appended to the prompt as it is")
+    data.add_argument("--prompt-template",
+                      help="causal-lm: 'alpaca' (instruction/input -> prompt, output -> completion) or a format "
+                           "string such as 'Q: {question}\\nA: ' (with --completion-column)")
+    data.add_argument("--messages-column",
+                      help="causal-lm: column of chat messages, rendered with the tokenizer's chat template; "
+                           "the loss covers the assistant turns")
     data.add_argument("--split", default="train", help="split of a HF dataset")
     data.add_argument("--num-batches", type=positive_int, default=8, help="calibration batches")
     data.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
