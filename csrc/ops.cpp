@@ -4,8 +4,13 @@
 //     G_n = scale * sum_{t in [start_n, end_n)} dy_t^T h_t          (d_out x r)
 // of one batch into running moments (mean, m2) of `count` earlier gradients, in place, without
 // materialising the (S, d_out, r) stack. The caller increments its count by S afterwards.
-// mean and m2 are mutated (the `!` annotations) so that torch.compile / functionalization and
-// torch.library.opcheck know about the in-place update; the op returns nothing.
+// When the optional `sample_sq` (S,) float32 is given, it is overwritten with each sample's
+// squared Frobenius norm ||G_n||_F^2 (the bootstrap of fimlora.confidence resamples these);
+// None costs nothing extra. The kernels reduce each sample's partial sums of squares in a
+// fixed order, so the norms do not depend on thread counts or scheduling.
+// mean, m2 and sample_sq are mutated (the `!` annotations) so that torch.compile /
+// functionalization and torch.library.opcheck know about the in-place update; the op returns
+// nothing.
 
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
@@ -37,6 +42,7 @@ void check_accumulate_inputs(
     int64_t count,
     const at::Tensor& mean,
     const at::Tensor& m2,
+    const std::optional<at::Tensor>& sample_sq,
     c10::DeviceType device_type) {
   TORCH_CHECK(dy.dim() == 2, kOp, "dy must be 2-D (T, d_out), got shape ", dy.sizes());
   TORCH_CHECK(h.dim() == 2, kOp, "h must be 2-D (T, r), got shape ", h.sizes());
@@ -77,12 +83,28 @@ void check_accumulate_inputs(
   check_device(segments, "segments", dy, device_type);
   check_device(mean, "mean", dy, device_type);
   check_device(m2, "m2", dy, device_type);
+
+  if (sample_sq.has_value()) {
+    const at::Tensor& sq = *sample_sq;
+    TORCH_CHECK(sq.scalar_type() == at::kFloat, kOp, "sample_sq must be float32, got ", sq.scalar_type());
+    TORCH_CHECK(sq.dim() == 1 && sq.size(0) == segments.size(0), kOp,
+                "sample_sq must have shape (S,) = (", segments.size(0), ",), one entry per segment, got ",
+                sq.sizes());
+    TORCH_CHECK(sq.is_contiguous(), kOp, "sample_sq must be contiguous (it is written in place), got strides ",
+                sq.strides());
+    for (const at::Tensor* other : {&mean, &m2}) {
+      const auto with_state = at::get_overlap_status(sq, *other);
+      TORCH_CHECK(with_state != at::MemOverlapStatus::Full && with_state != at::MemOverlapStatus::Partial, kOp,
+                  "sample_sq must not share memory with mean or m2");
+    }
+    check_device(sq, "sample_sq", dy, device_type);
+  }
 }
 
 TORCH_LIBRARY(fimlora, m) {
   m.def(
       "accumulate_sample_stats(Tensor dy, Tensor h, Tensor segments, float scale, int count, "
-      "Tensor(a!) mean, Tensor(b!) m2) -> ()");
+      "Tensor(a!) mean, Tensor(b!) m2, Tensor(c!)? sample_sq=None) -> ()");
 }
 
 }  // namespace fimlora

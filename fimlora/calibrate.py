@@ -175,6 +175,7 @@ def calibrate(
     stats_dtype: torch.dtype = torch.float32,
     train: bool = False,
     progress: bool = True,
+    confidence: bool = True,
 ) -> CalibrationResult:
     """Measure the per-sample gradient statistics of a LoRA-B matrix on every target layer.
 
@@ -194,6 +195,8 @@ def calibrate(
         granularity: "sample" (per-sample gradients) or "batch" (one gradient per batch).
         backend: accumulate backend, see ``fimlora.backends``.
         train: run in train mode (dropout on) instead of eval mode.
+        confidence: also keep each sample's squared gradient norm per layer (4 bytes per sample
+            and layer; ``stats[name].sample_sq_norms()``), what fimlora.confidence resamples.
     """
     _check_settings(granularity, rank, stats_dtype)
     model, task, layers, chosen_backend, batches = prepare_run(
@@ -201,7 +204,8 @@ def calibrate(
     )
 
     probes = [
-        make_probe(name, module, rank=rank, alpha=alpha, use_rslora=use_rslora, seed=seed, stats_dtype=stats_dtype)
+        make_probe(name, module, rank=rank, alpha=alpha, use_rslora=use_rslora, seed=seed, stats_dtype=stats_dtype,
+                   track_samples=confidence)
         for name, module in layers.items()
     ]
     started = time.perf_counter()

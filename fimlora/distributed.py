@@ -5,6 +5,9 @@ across ranks with Chan's formula, in float64, with two all-reduces over one flat
 first the counts and sums (giving the global mean), then each rank's M2 plus its count times
 the squared distance of its mean to the global mean (no cancellation, unlike summing raw
 second moments). Every rank then holds identical statistics and computes the identical plan.
+Per-sample squared norms (statistics with ``track_samples``) are all-gathered, variable-length
+vectors padded to the longest rank's and trimmed again, so that every rank holds all samples'
+norms in the same order: rank 0's samples, then rank 1's, and so on.
 Works with any launcher that sets up the process group: torchrun, accelerate, DDP, FSDP (the
 command line joins the group a launcher describes: ``fimlora.cli.launch``).
 """
@@ -65,3 +68,42 @@ def all_reduce_stats(states: Sequence[LayerStats]) -> None:
         state.mean.copy_(mean.view_as(state.mean))
         state.m2.copy_(m2.view_as(state.m2))
         state.count = int(count)
+    all_gather_sample_sq(states)
+
+
+def all_gather_sample_sq(states: Sequence[LayerStats]) -> None:
+    """Replace each tracking state's per-sample squared norms with those of every rank, in rank
+    order, on every rank. Two all-gathers: the lengths (per rank and layer; -1 for a state that
+    keeps none), then one flat float32 buffer with each layer's norms padded to its longest rank.
+    Every rank must pass the same layers; a layer tracked on some ranks only raises on all."""
+    if not is_distributed() or not states:
+        return
+    device = _collective_device()
+    world = dist.get_world_size()
+    local = torch.tensor([s.num_sample_norms if s.track_samples else -1 for s in states], dtype=torch.int64,
+                         device=device)
+    gathered_lengths = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered_lengths, local)
+    lengths = torch.stack(gathered_lengths).cpu()  # (world, layers)
+    tracked = lengths >= 0
+    if not bool(tracked.any()):
+        return
+    if not bool(tracked.all(dim=0).eq(tracked.any(dim=0)).all()):
+        raise RuntimeError("per-sample norms are kept on some ranks but not on others; "
+                           "calibrate with the same confidence= setting on every rank")
+    widths = lengths.clamp(min=0).max(dim=0).values.tolist()  # per layer: the longest rank's
+    offsets = [0]
+    for width in widths:
+        offsets.append(offsets[-1] + width)
+    if offsets[-1] == 0:
+        return  # nothing kept anywhere
+    flat = torch.zeros(offsets[-1], dtype=torch.float32, device=device)
+    for i, state in enumerate(states):
+        if state.track_samples:
+            flat[offsets[i] : offsets[i] + state.num_sample_norms] = state._kept_sample_sq().to(device)
+    everyone = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(everyone, flat)
+    for i, state in enumerate(states):
+        if state.track_samples:
+            parts = [everyone[k][offsets[i] : offsets[i] + int(lengths[k, i])] for k in range(world)]
+            state.set_sample_sq_(torch.cat(parts))

@@ -8,8 +8,9 @@ so each real forward is counted exactly once.
 
 A layer called several times in one forward (ALBERT's shared layers, weight tying) has one
 per-sample gradient, the sum over its calls. Its (dy, h) pairs are kept until the backward is
-over and then folded in as one sample each, its tokens of all calls together; a layer called
-once (the usual case) folds its gradient in as soon as it arrives, keeping nothing.
+over and then folded in as one sample each, its tokens of all calls together (so a kept
+per-sample norm is that of the summed gradient, not a sum of norms); a layer called once (the
+usual case) folds its gradient in as soon as it arrives, keeping nothing.
 
 No parameter requires grad during calibration: only activation gradients flow. A layer whose
 input carries no gradient (the first target, say) gets its output tied to a scalar anchor by
@@ -87,8 +88,9 @@ class LayerProbe:
         return F.linear(x, self._a_cast[x.dtype])
 
 
-def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> LayerProbe:
-    """Calibration A and scale for one layer: its own lora_A/scaling in a PEFT model, else drawn."""
+def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype, track_samples=False) -> LayerProbe:
+    """Calibration A and scale for one layer: its own lora_A/scaling in a PEFT model, else drawn.
+    ``track_samples`` keeps each sample's squared gradient norm in the layer's statistics."""
     d_in, d_out = layer_shape(module)
     weight_device = layer_device(module)
     if is_lora_layer(module):
@@ -100,7 +102,7 @@ def make_probe(name, module, *, rank, alpha, use_rslora, seed, stats_dtype) -> L
         a = draw_calibration_a(name, d_in, rank, seed).to(weight_device)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         dropout = None
-    state = LayerStats.zeros(d_out, a.shape[0], device=weight_device, dtype=stats_dtype)
+    state = LayerStats.zeros(d_out, a.shape[0], device=weight_device, dtype=stats_dtype, track_samples=track_samples)
     return LayerProbe(name, module, a, scale, state, lora_dropout=dropout)
 
 

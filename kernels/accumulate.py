@@ -7,7 +7,9 @@ as disjoint [start, end) token ranges, the per-sample gradient of B is
 
     G_n = scale * sum_{t in [start_n, end_n)} dy_t h_t^T            (d_out x r)
 
-and ``accumulate_sample_stats`` folds G_1..G_S into a running (count, mean, M2) in place.
+and ``accumulate_sample_stats`` folds G_1..G_S into a running (count, mean, M2) in place and,
+when given an (S,) float32 ``sample_sq``, writes each sample's squared Frobenius norm ||G_n||^2
+into it (what fimlora.confidence resamples).
 
 What is fused
 -------------
@@ -23,6 +25,14 @@ Each token's dy row is read once per r-tile (exactly once when r fits one tile, 
 and each h row once per d-tile; h is r/d_out the size of dy, so the re-reads are cheap. Tokens in
 no segment (padding) are never read. Each sample belongs to exactly one split, so splitting the
 samples for parallelism adds no reads.
+
+Per-sample squared norms
+------------------------
+With ``sample_sq``, each program also reduces its finished G_n tile to the tile's sum of squares
+(the tile is already in registers) and stores it to a (d-tiles x r-tiles, S) fp32 workspace; one
+``sum`` over tiles afterwards gives the norms, in a fixed order (no atomics: deterministic).
+With a single tile the program writes ``sample_sq`` itself. Without it nothing extra runs (the
+branch is a compile-time constant).
 
 Parallelism and the split merge
 -------------------------------
@@ -90,6 +100,7 @@ def _accumulate_kernel(
     m2_ptr,
     ws_mean_ptr,
     ws_m2_ptr,
+    sq_ptr,
     D,
     R,
     S,
@@ -114,12 +125,14 @@ def _accumulate_kernel(
     BLOCK_T: tl.constexpr,
     DOT_FP32: tl.constexpr,
     IN_PLACE: tl.constexpr,
+    WITH_NORMS: tl.constexpr,
 ):
     """One BLOCK_D x BLOCK_R tile of the statistics over one contiguous share of the samples.
 
     IN_PLACE: merge into (mean, m2) with Chan's weights w_new = n/(count+n) and
     w_cross = count*n/(count+n); otherwise write this split's partial mean and M2 to the workspace.
     DOT_FP32: upcast loads to fp32 and use an IEEE fp32 dot; otherwise dot in the storage dtype.
+    WITH_NORMS: store each sample's sum of squares over this tile at sq_ptr[tile * S + sample].
     """
     # int64 before any multiplication by a stride: offsets can exceed 2**31.
     pid_d = tl.program_id(0).to(tl.int64)
@@ -160,6 +173,10 @@ def _accumulate_kernel(
             else:
                 g = tl.dot(tl.trans(dy), h, g)  # fp16/bf16 tensor cores, fp32 accumulator
         g = g * scale
+        if WITH_NORMS:
+            # masked rows/columns of g are exact zeros: the sum is over this tile's real elements
+            tile = pid_d * tl.num_programs(1) + pid_r
+            tl.store(sq_ptr + tile * S + k, tl.sum(tl.sum(g * g, axis=1), axis=0))
         # Welford: n-th sample of this split, counted from 1.
         n = (k - s_begin + 1).to(tl.float32)
         delta = g - mean
@@ -295,6 +312,7 @@ def accumulate_sample_stats(
     block_t: int | None = None,
     num_splits: int | None = None,
     num_warps: int | None = None,
+    sample_sq: torch.Tensor | None = None,
 ) -> None:
     """Fold the per-sample gradients G_n = scale * dy[seg_n]^T h[seg_n] into (mean, m2) in place.
 
@@ -312,6 +330,8 @@ def accumulate_sample_stats(
             default fills the GPU (1 or 2 under the interpreter).
         num_warps: warps per program (1, 2, 4, 8 or 16); default 8 for 64 x 64 state tiles and
             larger, else 4.
+        sample_sq: optional (S,) float32 contiguous tensor on dy's device, overwritten with each
+            sample's squared Frobenius norm ||G_n||^2; None computes nothing extra.
 
     Raises:
         ValueError: naming the offending argument when a shape, dtype, device or range is wrong.
@@ -319,6 +339,7 @@ def accumulate_sample_stats(
     dy = _as_row_major("dy", dy)
     h = _as_row_major("h", h)
     _validate(dy, h, segments, count, mean, m2)
+    _validate_sample_sq(sample_sq, segments, mean, m2)
     for name, value in (("block_d", block_d), ("block_r", block_r), ("block_t", block_t)):
         _check_block(name, value)
     if num_splits is not None and (
@@ -330,7 +351,11 @@ def accumulate_sample_stats(
 
     n_samples = segments.shape[0]
     d_out, r = mean.shape
-    if n_samples == 0 or mean.numel() == 0:
+    if n_samples == 0:
+        return
+    if mean.numel() == 0:
+        if sample_sq is not None:
+            sample_sq.zero_()  # a gradient without elements has norm 0
         return
 
     # Native 2-byte dot only when both operands share the dtype and a real GPU runs the kernel.
@@ -356,6 +381,15 @@ def accumulate_sample_stats(
         ws_mean = torch.empty(num_splits, d_out, r, device=dy.device, dtype=torch.float32)
         ws_m2 = torch.empty_like(ws_mean)
 
+    # one partial sum of squares per (tile, sample), summed over tiles below; a single tile
+    # writes the norms themselves
+    if sample_sq is None:
+        ws_sq = mean  # unused by the kernel in this mode
+    elif n_tiles == 1:
+        ws_sq = sample_sq
+    else:
+        ws_sq = torch.empty(n_tiles, n_samples, device=dy.device, dtype=torch.float32)
+
     grid = (triton.cdiv(d_out, block_d), triton.cdiv(r, block_r), num_splits)
     _accumulate_kernel[grid](
         dy,
@@ -365,6 +399,7 @@ def accumulate_sample_stats(
         m2,
         ws_mean,
         ws_m2,
+        ws_sq,
         d_out,
         r,
         n_samples,
@@ -389,11 +424,36 @@ def accumulate_sample_stats(
         BLOCK_T=block_t,
         DOT_FP32=dot_fp32,
         IN_PLACE=in_place,
+        WITH_NORMS=sample_sq is not None,
         # Three fp32 BLOCK_D x BLOCK_R register tiles: spread the largest over 8 warps.
         num_warps=num_warps or (8 if block_d * block_r >= 64 * 64 else 4),
     )
     if not in_place:
         _merge_splits_(ws_mean, ws_m2, n_samples, per_split, count, mean, m2)
+    if sample_sq is not None and n_tiles > 1:
+        torch.sum(ws_sq, dim=0, out=sample_sq)
+
+
+def _validate_sample_sq(
+    sample_sq: torch.Tensor | None, segments: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor
+) -> None:
+    if sample_sq is None:
+        return
+    if sample_sq.dtype != torch.float32:
+        raise ValueError(f"sample_sq must be float32, got {sample_sq.dtype}")
+    if sample_sq.dim() != 1 or sample_sq.shape[0] != segments.shape[0]:
+        raise ValueError(
+            f"sample_sq must have shape (S,) = ({segments.shape[0]},), one entry per segment, "
+            f"got {tuple(sample_sq.shape)}"
+        )
+    if not sample_sq.is_contiguous():
+        raise ValueError("sample_sq must be contiguous (it is written in place)")
+    if sample_sq.device != mean.device:
+        raise ValueError(f"sample_sq is on {sample_sq.device} but the state is on {mean.device}")
+    if sample_sq.numel() and any(
+        sample_sq.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in (mean, m2)
+    ):
+        raise ValueError("sample_sq must not share memory with mean or m2")
 
 
 def _merge_splits_(

@@ -35,6 +35,25 @@ def wrap(model, wrapper: str):
 CASES = [("equal", "none"), ("unequal", "none"), ("equal", "ddp"), ("equal", "fsdp2")]
 
 
+GATHER_LENGTHS = [(3, 5), (0, 2), (4, 0)]  # per layer: how many norms rank 0 and rank 1 keep
+
+
+def gather_variable_lengths(rank: int) -> list[torch.Tensor]:
+    """all_gather_sample_sq on layers whose ranks keep different numbers of norms (none, too):
+    rank k's i-th norm of layer l is 100 k + 10 l + i, so the result shows the order."""
+    from fimlora.distributed import all_gather_sample_sq
+    from fimlora.stats import LayerStats
+
+    states = []
+    for layer, lengths in enumerate(GATHER_LENGTHS):
+        state = LayerStats.zeros(2, 1, track_samples=True)
+        state.add_sample_sq_(100.0 * rank + 10 * layer + torch.arange(lengths[rank], dtype=torch.float32))
+        states.append(state)
+    states.append(LayerStats.zeros(2, 1))  # a layer without norms on every rank is left alone
+    all_gather_sample_sq(states)
+    return [s._kept_sample_sq().clone() for s in states[:-1]]
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Every case in one process group (one spawn: starting processes is the slow part)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -45,7 +64,9 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             result = fimlora.calibrate(model, batches_of(shares(case, rank), 2), num_batches=8, progress=False)
             plan = fimlora.make_plan(result, base_rank=4)
             stats = {name: (s.count, s.mean, s.m2) for name, s in result.stats.items()}
-            out = {"stats": stats, "ranks": plan.ranks, "settings": result.settings.to_dict()}
+            sample_sq = {name: s.sample_sq().clone() for name, s in result.stats.items()}
+            out = {"stats": stats, "sample_sq": sample_sq, "ranks": plan.ranks, "settings": result.settings.to_dict()}
             torch.save(out, f"{out_dir}/{case}-{wrapper}-{rank}.pt")
+        torch.save(gather_variable_lengths(rank), f"{out_dir}/gather-{rank}.pt")
     finally:
         dist.destroy_process_group()

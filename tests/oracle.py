@@ -4,7 +4,8 @@
   padding, batch of one) through a float64 copy of the model wrapped by PEFT with the same A as
   the calibration, B = 0; the loss is written out plainly here and lora_B.grad is read after
   each backward. Nothing from fimlora's engine is used.
-- ``op_oracle``: the accumulate op's per-sample gradients, one plain loop step per token.
+- ``op_oracle``: the accumulate op's per-sample gradients, one plain loop step per token;
+  ``sample_sq_oracle`` their squared Frobenius norms (what the op keeps per sample).
 - ``relative_error``: normwise relative error naming its worst element; ``assert_stats``
   checks a LayerStats with it.
 
@@ -113,9 +114,15 @@ def op_oracle(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: 
     return torch.stack(grads) if grads else torch.zeros(0, dy.shape[1], h.shape[1], dtype=torch.float64)
 
 
+def sample_sq_oracle(grads: torch.Tensor) -> torch.Tensor:
+    """Each per-sample gradient's squared Frobenius norm ||G_n||^2, float64 (M,), from (M, d_out, r)."""
+    return grads.double().square().sum(dim=(1, 2))
+
+
 def assert_stats(state, expected, tol: float, what: str = "stats") -> None:
     """A LayerStats' count, mean, variance and fisher against ``expected``: per-sample gradients
-    (M, d_out, r) (e.g. from op_oracle) or another LayerStats; each within ``tol`` normwise."""
+    (M, d_out, r) (e.g. from op_oracle) or another LayerStats; each within ``tol`` normwise.
+    A state that keeps per-sample norms (track_samples) has them checked too (``assert_sample_sq``)."""
     if isinstance(expected, torch.Tensor):
         count, reference = expected.shape[0], moments(expected)
     else:
@@ -124,6 +131,26 @@ def assert_stats(state, expected, tol: float, what: str = "stats") -> None:
     for key, actual in _moments_of(state).items():
         error = relative_error(actual, reference[key])
         assert error <= tol, f"{what} {key}: relative error {error!r} > {tol:g}"
+    if getattr(state, "track_samples", False):
+        expected_sq = sample_sq_oracle(expected) if isinstance(expected, torch.Tensor) else expected.sample_sq()
+        assert_sample_sq(state, expected_sq, tol, what)
+
+
+def assert_sample_sq(state, expected_sq: torch.Tensor, tol: float, what: str = "stats") -> RelativeError:
+    """A tracking LayerStats' per-sample squared norms against ``expected_sq`` (M,) within ``tol``
+    normwise, and their per-element mean (``sample_sq_norms``) against its own fisher score; returns
+    the error."""
+    error = relative_error(state.sample_sq(), expected_sq)
+    assert error <= tol, f"{what} per-sample squared norms: relative error {error!r} > {tol:g}"
+    norms = state.sample_sq_norms()
+    assert norms.dtype == torch.float64 and norms.shape == (state.count,)
+    if state.count:
+        # mean_n ||G_n||^2 / numel is the fisher score, computed from the moments instead (the
+        # same float32 gradients: agreement to float32 rounding, whatever the inputs' precision)
+        fisher = state.score("fisher")
+        assert abs(float(norms.mean()) - fisher) <= 2e-5 * abs(fisher) + 1e-30, (
+            f"{what}: mean of the per-sample norms {float(norms.mean())!r} != fisher score {fisher!r}")
+    return error
 
 
 def _moments_of(state) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ SCRIPTS = {
     "calibration_at_scale.py": ("calibration_at_scale_smoke.csv", {"floor", "fimlora", "full-fisher"}),
     "tune_triton.py": ("tune_triton_smoke.csv", {"default"}),  # under TRITON_INTERPRET=1
     "memory_at_scale.py": ("memory_at_scale_smoke.csv", set()),
+    "confidence_overhead.py": ("confidence_overhead_smoke.csv", set()),
 }
 
 

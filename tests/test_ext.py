@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require
-from oracle import assert_stats, op_oracle, relative_error
+from oracle import assert_stats, op_oracle, relative_error, sample_sq_oracle
 
 from fimlora.backends import _compiled
 from fimlora.stats import LayerStats
@@ -80,12 +80,16 @@ def test_matches_float64_oracle(op, dy_dtype, h_dtype, r, state_dtype):
     state = state_from(previous, state_dtype)
     mean_ptr, m2_ptr = state.mean.data_ptr(), state.m2.data_ptr()
 
-    _compiled.accumulate(dy, h, segments, 0.25, state)
+    sample_sq = torch.full((len(SEGMENTS),), float("nan"))  # every entry must be written
+    _compiled.accumulate(dy, h, segments, 0.25, state, sample_sq)
 
     assert (state.mean.data_ptr(), state.m2.data_ptr()) == (mean_ptr, m2_ptr)  # updated in place
     assert state.mean.dtype == state.m2.dtype == state_dtype
     # the oracle sees the same rounded inputs: only the arithmetic differs
     assert_stats(state, oracle(dy, h, segments, 0.25, previous), TOLERANCE[state_dtype])
+    # the norms are float32 outputs whatever the state's dtype
+    error = relative_error(sample_sq, sample_sq_oracle(op_oracle(dy, h, segments, 0.25)))
+    assert error <= TOLERANCE[torch.float32], f"per-sample squared norms: {error!r}"
 
 
 def test_first_call_from_zeros_and_op_returns_nothing(op):
@@ -175,6 +179,55 @@ def test_opcheck(op):
     segments = torch.tensor([[0, 5], [5, 5], [8, 20]])
     mean, m2 = torch.randn(9, 3), torch.rand(9, 3)
     torch.library.opcheck(op.default, (dy, h, segments, 0.5, 4, mean, m2))
+    torch.library.opcheck(op.default, (dy, h, segments, 0.5, 4, mean, m2, torch.zeros(3)))
+
+
+def test_sample_sq_is_deterministic_across_thread_counts(op):
+    """Partial sums per group of rows, reduced in a fixed order: the norms do not depend on how
+    at::parallel_for splits d_out (1 thread, 2, 3), bit for bit; d_out = 3001 spans many groups."""
+    dy, h = make_inputs(96, 3001, 16, seed=6)
+    segments = torch.tensor([[0, 40], [40, 41], [50, 96], [41, 41]])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            state, sample_sq = LayerStats.zeros(3001, 16), torch.empty(4)
+            _compiled.accumulate(dy, h, segments, 1.5, state, sample_sq)
+            results.append(sample_sq)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], other) for other in results[1:])
+    error = relative_error(results[0], sample_sq_oracle(op_oracle(dy, h, segments, 1.5)))
+    assert error <= TOLERANCE[torch.float32], f"{error!r}"
+
+
+def test_sample_sq_of_a_state_without_elements_is_zero(op):
+    sample_sq = torch.full((2,), 5.0)
+    op(torch.randn(4, 0), torch.randn(4, 3), torch.tensor([[0, 2], [2, 4]]), 1.0, 0, torch.zeros(0, 3),
+       torch.zeros(0, 3), sample_sq)
+    assert not sample_sq.any()
+
+
+@pytest.mark.parametrize(
+    "sample_sq,message",
+    [
+        (torch.zeros(2, dtype=torch.float64), "sample_sq must be float32, got Double"),
+        (torch.zeros(3), r"sample_sq must have shape \(S,\) = \(2,\)"),
+        (torch.zeros(2, 1), r"sample_sq must have shape \(S,\)"),
+        (torch.zeros(4)[::2], "sample_sq must be contiguous"),
+    ],
+)
+def test_bad_sample_sq_is_named(op, sample_sq, message):
+    with pytest.raises(RuntimeError, match=message):
+        op(torch.randn(10, 5), torch.randn(10, 3), torch.tensor([[0, 4], [4, 10]]), 1.0, 0, torch.zeros(5, 3),
+           torch.zeros(5, 3), sample_sq)
+
+
+def test_sample_sq_must_not_alias_the_state(op):
+    mean, m2 = torch.zeros(5, 3), torch.zeros(5, 3)
+    with pytest.raises(RuntimeError, match="sample_sq must not share memory with mean or m2"):
+        op(torch.randn(10, 5), torch.randn(10, 3), torch.tensor([[0, 4], [4, 10]]), 1.0, 0, mean, m2, m2.view(-1)[:2])
 
 
 @pytest.mark.parametrize(
@@ -234,9 +287,12 @@ def test_cuda_kernel_matches_oracle(op):
         previous = torch.randn(5, 67, 40, dtype=torch.float64)
         state = state_from(previous, state_dtype)
         state = LayerStats(state.count, state.mean.cuda(), state.m2.cuda())
-        _compiled.accumulate(dy.cuda(), h.cuda(), segments.cuda(), 0.25, state)
+        sample_sq = torch.full((len(SEGMENTS),), float("nan"), device="cuda")
+        _compiled.accumulate(dy.cuda(), h.cuda(), segments.cuda(), 0.25, state, sample_sq)
         state = LayerStats(state.count, state.mean.cpu(), state.m2.cpu())
         assert_stats(state, oracle(dy, h, segments, 0.25, previous), 2e-5)
+        error = relative_error(sample_sq, sample_sq_oracle(op_oracle(dy, h, segments, 0.25)))
+        assert error <= 2e-5, f"{dy_dtype}/{state_dtype} per-sample squared norms: {error!r}"
 
 
 # --- the loader, without rebuilding --------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from oracle import assert_stats, moments, op_oracle, relative_error
+from oracle import assert_sample_sq, assert_stats, moments, op_oracle, relative_error, sample_sq_oracle
 
 from fimlora import LayerStats, backends
 
@@ -47,13 +47,15 @@ SHAPES = {
 
 
 def _run_suite_case(backend, shape, dtype, device):
+    """Moments and per-sample squared norms (a tracking state) against the float64 oracle."""
     _need(backend, device)
     t, d_out, r, segments = SHAPES[shape]
     dy, h, seg = _case(t, d_out, r, segments, dtype, device=device)
-    state = LayerStats.zeros(d_out, r, device=device)
+    state = LayerStats.zeros(d_out, r, device=device, track_samples=True)
     mean_ptr, m2_ptr = state.mean.data_ptr(), state.m2.data_ptr()
     backends.accumulate(dy, h, seg, 0.5, state, backend=backend)
     assert (state.mean.data_ptr(), state.m2.data_ptr()) == (mean_ptr, m2_ptr), "state was reallocated"
+    assert state.sample_sq().device == state.mean.device and state.sample_sq().dtype == torch.float32
     assert_stats(state, op_oracle(dy, h, seg.cpu(), 0.5), TOLERANCE[dtype])
 
 
@@ -136,6 +138,37 @@ def test_batch_granularity(backend):
         backends.accumulate(dy, h, seg, 0.25, per_batch, backend=backend, granularity="batch")
     assert per_batch.count == 2
     assert relative_error(per_batch.mean, grads.mean(0)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tracking_norms_leaves_the_moments_bit_identical(backend):
+    """The norms are an extra output: the moments are exactly those of an untracked call."""
+    _need(backend)
+    dy, h, seg = _case(30, 16, 6, [[0, 4], [4, 9], [9, 9], [10, 18], [18, 30]])
+    plain, tracked = LayerStats.zeros(16, 6), LayerStats.zeros(16, 6, track_samples=True)
+    for state in (plain, tracked):
+        for chunk in (seg[:2], seg[2:]):
+            backends.accumulate(dy, h, chunk, 2.0, state, backend=backend)
+    assert tracked.count == plain.count == 5 and tracked.num_sample_norms == 5
+    assert torch.equal(tracked.mean, plain.mean) and torch.equal(tracked.m2, plain.m2)
+    # several calls append in call order; an empty sample has norm 0
+    assert_sample_sq(tracked, sample_sq_oracle(op_oracle(dy, h, seg, 2.0)), TOLERANCE[torch.float32])
+    assert float(tracked.sample_sq()[2]) == 0.0
+    with pytest.raises(RuntimeError, match="confidence=True"):
+        plain.sample_sq_norms()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_granularity_keeps_one_norm_per_batch(backend):
+    _need(backend)
+    dy, h, seg = _case(16, 10, 3, [[0, 5], [6, 11], [11, 16]])
+    batch_grad = op_oracle(dy, h, seg, 0.25).mean(0)
+    state = LayerStats.zeros(10, 3, track_samples=True)
+    for _ in range(2):
+        backends.accumulate(dy, h, seg, 0.25, state, backend=backend, granularity="batch")
+    backends.accumulate(dy, h, seg[:0], 0.25, state, backend=backend, granularity="batch")  # no sample: nothing
+    assert state.count == state.num_sample_norms == 2
+    assert_sample_sq(state, sample_sq_oracle(torch.stack([batch_grad, batch_grad])), 1e-5)
 
 
 def test_bad_inputs_are_named():

@@ -51,13 +51,21 @@ def make_inputs(d_out: int, r: int, dtype: torch.dtype, h_dtype: torch.dtype | N
     return dy.to(DEVICE), h.to(DEVICE), segments.to(DEVICE)
 
 
-def run(kernel, dy, h, segments, scale, *, count=0, mean=None, m2=None, state_dtype=torch.float32, **kwargs):
-    """The kernel on a fresh (or the given) state; the LayerStats it leaves."""
+def run(kernel, dy, h, segments, scale, *, count=0, mean=None, m2=None, state_dtype=torch.float32, norms=None,
+        **kwargs):
+    """The kernel on a fresh (or the given) state; the LayerStats it leaves. With ``norms`` (the
+    default on a fresh state) the kernel also writes each sample's squared norm, and the state
+    keeps them, so that assert_stats checks them against the oracle too."""
     shape = (dy.shape[1], h.shape[1])
     mean = torch.zeros(shape, dtype=state_dtype, device=DEVICE) if mean is None else mean
     m2 = torch.zeros(shape, dtype=state_dtype, device=DEVICE) if m2 is None else m2
-    kernel(dy, h, segments, scale, count, mean, m2, **kwargs)
-    return LayerStats(count + segments.shape[0], mean, m2)
+    norms = count == 0 if norms is None else norms
+    sample_sq = torch.full((segments.shape[0],), float("nan"), device=DEVICE) if norms else None  # all written
+    kernel(dy, h, segments, scale, count, mean, m2, sample_sq=sample_sq, **kwargs)
+    state = LayerStats(count + segments.shape[0], mean, m2, track_samples=norms)
+    if norms:
+        state.set_sample_sq_(sample_sq)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +201,24 @@ def test_no_tokens_at_all(kernel):
     assert torch.allclose(mean, torch.full_like(mean, 0.5)) and torch.allclose(m2, torch.full_like(m2, 2.0))
 
 
+@pytest.mark.parametrize("blocks", [{}, {"block_d": 16, "block_r": 16, "num_splits": 3}], ids=["one-tile", "tiles"])
+def test_norms_leave_the_moments_bit_identical(kernel, blocks):
+    """With one tile the kernel writes the norms itself, with several a workspace is summed;
+    either way the moments are exactly those of a call without norms."""
+    dy, h, segments = make_inputs(20, 18, torch.float32, seed=5)
+    with_norms = run(kernel, dy, h, segments, 0.5, **blocks)
+    without = run(kernel, dy, h, segments, 0.5, norms=False, **blocks)
+    assert torch.equal(with_norms.mean, without.mean) and torch.equal(with_norms.m2, without.m2)
+    assert_stats(with_norms, op_oracle(dy, h, segments, 0.5), TOLERANCE[torch.float32])
+
+
+def test_norms_of_a_state_without_elements_are_zero(kernel):
+    dy, h, segments = make_inputs(0, 3, torch.float32)
+    sample_sq = torch.full((len(SEGMENTS),), 5.0, device=DEVICE)
+    kernel(dy, h, segments, 1.0, 0, torch.zeros(0, 3, device=DEVICE), torch.zeros(0, 3, device=DEVICE), sample_sq=sample_sq)
+    assert not sample_sq.any()
+
+
 def test_no_samples_leave_the_state_alone(kernel):
     dy, h, _ = make_inputs(5, 2, torch.float32)
     mean, m2 = torch.ones(5, 2, device=DEVICE), torch.ones(5, 2, device=DEVICE)
@@ -234,6 +260,9 @@ def _bad_calls():
         "block_t too small": ({"block_t": 8}, "block_t"),
         "num_splits zero": ({"num_splits": 0}, "num_splits"),
         "num_warps 3": ({"num_warps": 3}, "num_warps"),
+        "sample_sq fp64": ({"sample_sq": zeros(1, dtype=torch.float64)}, "sample_sq must be float32"),
+        "sample_sq shape": ({"sample_sq": zeros(2)}, r"sample_sq must have shape \(S,\) = \(1,\)"),
+        "sample_sq aliases m2": ({"m2": zeros(3, 2), "sample_sq": None}, "sample_sq must not share memory"),
     }
     return good, cases
 
@@ -243,7 +272,10 @@ def test_input_validation(kernel, case):
     good, cases = _bad_calls()
     change, word = cases[case]
     arguments = {**good, **change}
-    blocks = {key: arguments.pop(key) for key in ("block_r", "block_t", "num_splits", "num_warps") if key in arguments}
+    blocks = {key: arguments.pop(key) for key in ("block_r", "block_t", "num_splits", "num_warps", "sample_sq")
+              if key in arguments}
+    if case == "sample_sq aliases m2":
+        blocks["sample_sq"] = arguments["m2"].view(-1)[:1]
     with pytest.raises(ValueError, match=word):
         kernel(*arguments.values(), **blocks)
 

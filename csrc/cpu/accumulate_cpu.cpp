@@ -14,6 +14,11 @@
 // float32 state keeps the variance even where |mean| is 1e4 times the standard deviation,
 // and the mean is rounded once per call rather than once per sample.
 //
+// Per-sample squared norms (optional `sample_sq`): the tasks own whole groups of kGroupRows
+// rows, and each group's sum of squares of each sample's gradient goes to its own slot of a
+// (S, groups) buffer in float64; the slots are then summed in group order. The result is thus
+// the same whatever the thread count, and no task ever writes another's slot.
+//
 // The product is formed transposed, G^T[:, rows] = h[seg]^T dy[seg, rows] (r x rows): the
 // long dimension is then BLAS's contiguous one, about twice as fast with MKL for small r as
 // the (rows x r) orientation, which is the layout of torch.bmm(dY^T, H).
@@ -28,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "../accumulate.h"
@@ -45,6 +51,9 @@ constexpr int64_t kBlockElements = 64 * 1024;
 // Elements (tokens x rows) of dy converted to the state dtype at a time, when dy is not
 // already in it (bf16/fp16 inputs, or float32 inputs with a float64 state): 1 MiB in float32.
 constexpr int64_t kStagedElements = 256 * 1024;
+// Rows per group: tasks split d_out only at group boundaries, and each group keeps its own
+// partial sum of squares per sample (see the header comment).
+constexpr int64_t kGroupRows = 16;
 
 struct Segment {
   int64_t start;
@@ -72,17 +81,29 @@ at::Tensor view(const void* data, at::IntArrayRef sizes, at::IntArrayRef strides
 
 // Welford's update of the batch moments (batch_mean, batch_m2) of `rows` x `r` elements,
 // row-major, with the n-th deviation x = scale * grad_t^T - mean_old (grad_t is r x rows).
-template <typename acc_t>
+// When `group_sq` is given (this sample's slots, one per group of kGroupRows rows of d_out),
+// each row's sum of (scale * grad)^2 is added to the slot of its group; `row0` is the first
+// row's index in d_out. A template flag, so that the loop without norms stays as it was (a
+// float reduction in the inner loop would keep it from vectorising).
+template <typename acc_t, bool with_norms>
 void welford_step(acc_t* batch_mean, acc_t* batch_m2, const acc_t* mean_old, const acc_t* grad_t, int64_t rows,
-                  int64_t r, acc_t scale, int64_t n) {
+                  int64_t r, acc_t scale, int64_t n, double* group_sq, int64_t row0) {
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   for (int64_t i = 0; i < rows; ++i) {
+    acc_t row_sq = 0;
     for (int64_t j = 0; j < r; ++j) {
       const int64_t e = i * r + j;
-      const acc_t x = scale * grad_t[j * rows + i] - mean_old[e];
+      const acc_t g = scale * grad_t[j * rows + i];
+      const acc_t x = g - mean_old[e];
       const acc_t delta = x - batch_mean[e];
       batch_mean[e] += delta * inv_n;
       batch_m2[e] += delta * (x - batch_mean[e]);
+      if constexpr (with_norms) {
+        row_sq += g * g;
+      }
+    }
+    if constexpr (with_norms) {
+      group_sq[(row0 + i) / kGroupRows] += static_cast<double>(row_sq);
     }
   }
 }
@@ -110,7 +131,8 @@ void accumulate_cpu(
     double scale,
     int64_t count,
     at::Tensor& mean,
-    at::Tensor& m2) {
+    at::Tensor& m2,
+    double* group_sq) {  // (S, groups) zeroed partial sums of squares, or nullptr
   const int64_t num_tokens = dy.size(0);
   const int64_t d_out = dy.size(1);
   const int64_t r = h.size(1);
@@ -136,11 +158,16 @@ void accumulate_cpu(
   acc_t* m2_data = m2.data_ptr<acc_t>();
   const acc_t scale_acc = static_cast<acc_t>(scale);
 
-  // Below about 32k multiply-adds a task is not worth a thread.
+  // Below about 32k multiply-adds a task is not worth a thread. Tasks get whole groups of rows.
   const int64_t grain_rows = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_tokens * r));
+  const int64_t num_groups = (d_out + kGroupRows - 1) / kGroupRows;
+  const int64_t grain_groups = (grain_rows + kGroupRows - 1) / kGroupRows;
 
-  at::parallel_for(0, d_out, grain_rows, [&](int64_t begin, int64_t end) {
-    const int64_t block_rows = std::max<int64_t>(16, kBlockElements / r);
+  at::parallel_for(0, num_groups, grain_groups, [&](int64_t group_begin, int64_t group_end) {
+    const int64_t begin = group_begin * kGroupRows;
+    const int64_t end = std::min(group_end * kGroupRows, d_out);
+    // a multiple of kGroupRows, so that every block but a task's last covers whole groups
+    const int64_t block_rows = std::max<int64_t>(kGroupRows, kBlockElements / r / kGroupRows * kGroupRows);
     const int64_t max_rows = std::min(block_rows, end - begin);
     at::Tensor grad_buffer = at::empty({r, max_rows}, acc_options);
     at::Tensor batch_buffer = at::empty({2, max_rows * r}, acc_options);  // batch mean and m2
@@ -186,8 +213,14 @@ void accumulate_cpu(
             }
           }
         }
-        welford_step<acc_t>(batch_mean, batch_m2, mean_data + row0 * r, grad_data, rows, r, scale_acc,
-                            static_cast<int64_t>(n) + 1);
+        if (group_sq == nullptr) {
+          welford_step<acc_t, false>(batch_mean, batch_m2, mean_data + row0 * r, grad_data, rows, r, scale_acc,
+                                     static_cast<int64_t>(n) + 1, nullptr, row0);
+        } else {
+          welford_step<acc_t, true>(batch_mean, batch_m2, mean_data + row0 * r, grad_data, rows, r, scale_acc,
+                                    static_cast<int64_t>(n) + 1, group_sq + static_cast<int64_t>(n) * num_groups,
+                                    row0);
+        }
       }
       chan_merge<acc_t>(mean_data + row0 * r, m2_data + row0 * r, batch_mean, batch_m2, rows * r, count,
                         static_cast<int64_t>(segments.size()));
@@ -202,15 +235,35 @@ void accumulate_sample_stats_cpu(
     double scale,
     int64_t count,
     at::Tensor& mean,
-    at::Tensor& m2) {
-  check_accumulate_inputs(dy, h, segments, count, mean, m2, c10::DeviceType::CPU);
+    at::Tensor& m2,
+    const std::optional<at::Tensor>& sample_sq) {
+  check_accumulate_inputs(dy, h, segments, count, mean, m2, sample_sq, c10::DeviceType::CPU);
   const std::vector<Segment> ranges = read_segments(segments, dy.size(0));
-  if (ranges.empty() || mean.numel() == 0) {
+  if (ranges.empty()) {
     return;
   }
+  if (mean.numel() == 0) {
+    if (sample_sq.has_value()) {
+      sample_sq->zero_();  // a gradient without elements has norm 0
+    }
+    return;
+  }
+  const int64_t num_groups = (dy.size(1) + kGroupRows - 1) / kGroupRows;
+  std::vector<double> group_sq(sample_sq.has_value() ? ranges.size() * static_cast<size_t>(num_groups) : 0, 0.0);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "accumulate_sample_stats_cpu", [&] {
-    accumulate_cpu<scalar_t>(dy, h, ranges, scale, count, mean, m2);
+    accumulate_cpu<scalar_t>(dy, h, ranges, scale, count, mean, m2, group_sq.empty() ? nullptr : group_sq.data());
   });
+  if (sample_sq.has_value()) {
+    float* out = sample_sq->data_ptr<float>();
+    for (size_t n = 0; n < ranges.size(); ++n) {
+      const double* slots = group_sq.data() + n * static_cast<size_t>(num_groups);
+      double total = 0;
+      for (int64_t g = 0; g < num_groups; ++g) {
+        total += slots[g];
+      }
+      out[n] = static_cast<float>(total);
+    }
+  }
 }
 
 }  // namespace

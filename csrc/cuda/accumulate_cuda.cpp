@@ -4,10 +4,13 @@
 // (FIMLORA_FORCE_CUDA=1 or a CUDA torch) compile this file.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "../accumulate.h"
 #include "accumulate_kernel.h"
@@ -38,8 +41,9 @@ void accumulate_sample_stats_cuda(
     double scale,
     int64_t count,
     at::Tensor& mean,
-    at::Tensor& m2) {
-  check_accumulate_inputs(dy, h, segments, count, mean, m2, c10::DeviceType::CUDA);
+    at::Tensor& m2,
+    const std::optional<at::Tensor>& sample_sq) {
+  check_accumulate_inputs(dy, h, segments, count, mean, m2, sample_sq, c10::DeviceType::CUDA);
   // Kernels launch on the current device: make it dy's, and use that device's current stream
   // so the update is ordered after whatever produced dy (e.g. the backward pass).
   const c10::cuda::CUDAGuard device_guard(dy.device());
@@ -65,8 +69,27 @@ void accumulate_sample_stats_cuda(
   args.mean = mean.data_ptr();
   args.m2 = m2.data_ptr();
   args.state_dtype = to_kernel_dtype(mean.scalar_type());
+  args.sample_sq_partials = nullptr;
+
+  // Per-sample norms: the kernel writes one partial per (warp, sample), summed here in a fixed
+  // order (deterministic, unlike atomics). A state without elements gives norms of 0.
+  const bool with_norms = sample_sq.has_value() && args.num_segments > 0;
+  const bool no_elements = args.d_out == 0 || args.r == 0;
+  at::Tensor partials;
+  if (with_norms && !no_elements) {
+    partials = at::empty({fimlora_accumulate_sample_sq_rows(args.d_out, args.r), args.num_segments},
+                         mean.options().dtype(at::kFloat));
+    args.sample_sq_partials = partials.data_ptr<float>();
+  }
 
   C10_CUDA_CHECK(fimlora_accumulate_sample_stats_cuda(&args, c10::cuda::getCurrentCUDAStream().stream()));
+  if (with_norms) {
+    if (no_elements) {
+      sample_sq->zero_();
+    } else {
+      sample_sq->copy_(partials.sum(0));
+    }
+  }
 }
 
 }  // namespace

@@ -9,6 +9,10 @@
 // state's dtype), and at the end the batch is merged into the state in place with Chan's
 // formula. Nothing proportional to S * d_out * r is ever stored.
 //
+// Per-sample squared norms (optional): each warp reduces its threads' squares of the finished
+// G_n with shuffles and its lane 0 writes one partial per (warp, sample) to a buffer that the
+// glue sums over warps in a fixed order: no atomics, so the norms are deterministic.
+//
 // Numerics match the CPU kernel: the batch moments are those of the deviations
 // G_n - mean_old from the state's mean at the start of the call, which are of the order of
 // the spread, so a float32 state keeps the variance even when |mean| >> std.
@@ -30,9 +34,12 @@ constexpr int kThreads = 128;
 constexpr int kRowGroups = kThreads / kTileCols;        // threads sharing one column
 constexpr int kRowsPerThread = kTileRows / kRowGroups;  // state elements per thread
 constexpr int kChunk = 32;                              // tokens staged in shared memory at a time
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kThreads / kWarpSize;            // partial norms per block and sample
 
 static_assert(kThreads % kTileCols == 0, "a whole number of row groups");
 static_assert(kTileRows % kRowGroups == 0, "every thread owns the same number of rows");
+static_assert(kThreads % kWarpSize == 0, "whole warps");
 
 __device__ __forceinline__ float load_as_float(const void* base, int64_t offset, fimlora_dtype dtype) {
   // dtype is the same for all threads, so this switch never diverges.
@@ -123,12 +130,27 @@ __global__ void accumulate_kernel(const fimlora_accumulate_args args, state_t me
     // Welford's step with G_n - mean_old, the (n + 1)-th deviation of this batch. An empty
     // sample counts too, with a zero gradient.
     const state_t inv_count = state_t(1) / static_cast<state_t>(n + 1);
+    float sq = 0.f;  // this thread's share of ||G_n||^2 (padding elements are exactly 0)
 #pragma unroll
     for (int k = 0; k < kRowsPerThread; ++k) {
-      const state_t x = static_cast<state_t>(grad[k]) * scale - mean_old[k];
+      const state_t g = static_cast<state_t>(grad[k]) * scale;
+      const state_t x = g - mean_old[k];
       const state_t delta = x - batch_mean[k];
       batch_mean[k] += delta * inv_count;
       batch_m2[k] += delta * (x - batch_mean[k]);
+      sq = fmaf(static_cast<float>(g), static_cast<float>(g), sq);
+    }
+    if (args.sample_sq_partials != nullptr) {  // the same for every thread: no divergence
+      // Every thread of the block runs every sample, so the full mask is valid.
+#pragma unroll
+      for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+        sq += __shfl_down_sync(0xffffffffu, sq, offset);
+      }
+      if (threadIdx.x % kWarpSize == 0) {
+        const int64_t block = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+        const int64_t row = block * kWarps + threadIdx.x / kWarpSize;
+        args.sample_sq_partials[row * args.num_segments + n] = sq;
+      }
     }
   }
 
@@ -146,6 +168,9 @@ __global__ void accumulate_kernel(const fimlora_accumulate_args args, state_t me
   }
 }
 
+int64_t row_tiles_of(int64_t d_out) { return (d_out + kTileRows - 1) / kTileRows; }
+int64_t col_tiles_of(int64_t r) { return (r + kTileCols - 1) / kTileCols; }
+
 bool is_input_dtype(fimlora_dtype dtype) {
   return dtype == FIMLORA_FLOAT32 || dtype == FIMLORA_FLOAT16 || dtype == FIMLORA_BFLOAT16;
 }
@@ -161,8 +186,8 @@ extern "C" cudaError_t fimlora_accumulate_sample_stats_cuda(const fimlora_accumu
   if (args->num_segments == 0 || args->d_out == 0 || args->r == 0) {
     return cudaSuccess;  // nothing to fold
   }
-  const int64_t row_tiles = (args->d_out + kTileRows - 1) / kTileRows;
-  const int64_t col_tiles = (args->r + kTileCols - 1) / kTileCols;
+  const int64_t row_tiles = row_tiles_of(args->d_out);
+  const int64_t col_tiles = col_tiles_of(args->r);
   if (row_tiles > 0x7fffffff || col_tiles > 65535) {
     return cudaErrorInvalidConfiguration;
   }
@@ -181,4 +206,8 @@ extern "C" cudaError_t fimlora_accumulate_sample_stats_cuda(const fimlora_accumu
                                                             static_cast<float>(m2_weight));
   }
   return cudaGetLastError();
+}
+
+extern "C" int64_t fimlora_accumulate_sample_sq_rows(int64_t d_out, int64_t r) {
+  return row_tiles_of(d_out) * col_tiles_of(r) * kWarps;
 }

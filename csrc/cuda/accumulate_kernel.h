@@ -43,7 +43,14 @@ typedef struct fimlora_accumulate_args {
   void* mean;               /* (d_out, r) contiguous, float32/float64, updated in place */
   void* m2;                 /* (d_out, r) contiguous, same dtype as mean */
   fimlora_dtype state_dtype;
+  /* Optional (NULL: not computed): (fimlora_accumulate_sample_sq_rows(d_out, r), num_segments)
+   * row-major float32 partial sums of squares of each sample's gradient; every entry is
+   * written, and summing the rows gives each sample's ||G_n||_F^2. */
+  float* sample_sq_partials;
 } fimlora_accumulate_args;
+
+/* Rows of the sample_sq_partials buffer for a (d_out, r) state: one per warp of the grid. */
+int64_t fimlora_accumulate_sample_sq_rows(int64_t d_out, int64_t r);
 
 /* Enqueues the update on `stream`. Returns cudaSuccess, cudaErrorInvalidValue for an
  * unsupported dtype, or the launch error. Does not synchronise. */

@@ -8,6 +8,12 @@ G_n = scale * sum_{t in segment n} dy_t h_t^T into ``state`` (a LayerStats) in p
 - segments: (S, 2) int64 [start, end) token ranges, one per sample; tokens in no range
   (padding) are ignored; an empty range is a sample whose gradient is zero.
 
+When ``state.track_samples`` is set, each gradient's squared Frobenius norm ||G_n||^2 is written
+too, straight into the state's per-sample buffer: every backend module's
+``accumulate(dy, h, segments, scale, state, sample_sq=None)`` overwrites an (S,) float32
+``sample_sq`` with them when given (computed from the tile the fused kernels hold anyway), and
+computes nothing extra without it. With ``granularity="batch"`` the one observation's norm is kept.
+
 Backends: ``torch`` (plain PyTorch, the reference), ``triton`` (fused kernel, fimlora._kernels;
 CUDA tensors, or CPU ones under TRITON_INTERPRET=1), ``compiled`` (the compiled op of the
 optional extension fimlora._C, with a CPU and a CUDA implementation). ``auto`` picks, for CUDA
@@ -213,6 +219,15 @@ def accumulate(
     segments = segments.to(dy.device)  # the kernels read the ranges where dy is; a no-op when there
     if granularity == "batch":
         if segments.shape[0]:
-            state.update_((summed_grad(dy, h, segments, scale) / segments.shape[0])[None])
+            grad = summed_grad(dy, h, segments, scale) / segments.shape[0]
+            state.update_(grad[None])
+            if state.track_samples:
+                state.add_sample_sq_(grad.double().square().sum().float()[None])
         return
-    _module(resolve_backend(backend, dy.device, dy.dtype)).accumulate(dy, h, segments, scale, state)
+    module = _module(resolve_backend(backend, dy.device, dy.dtype))
+    if not state.track_samples:
+        module.accumulate(dy, h, segments, scale, state)
+        return
+    n = segments.shape[0]
+    module.accumulate(dy, h, segments, scale, state, sample_sq=state._reserve_sample_sq(n))
+    state._commit_sample_sq(n)  # only once the op has written them

@@ -36,10 +36,20 @@ def available(device: torch.device | str | None = None) -> tuple[bool, str]:
     return ok, reason
 
 
-def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats) -> None:
-    """Fold the per-sample gradients of one batch into ``state`` (inputs and availability checked
-    by the dispatcher)."""
-    torch.ops.fimlora.accumulate_sample_stats(dy, h, segments, float(scale), state.count, state.mean, state.m2)
+def accumulate(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    segments: torch.Tensor,
+    scale: float,
+    state: LayerStats,
+    sample_sq: torch.Tensor | None = None,
+) -> None:
+    """Fold the per-sample gradients of one batch into ``state``, and write each sample's
+    ||G_n||^2 to ``sample_sq`` (S,) float32 when given (inputs and availability checked by the
+    dispatcher)."""
+    torch.ops.fimlora.accumulate_sample_stats(
+        dy, h, segments, float(scale), state.count, state.mean, state.m2, sample_sq
+    )
     state.count += segments.shape[0]
 
 
@@ -74,14 +84,17 @@ def has_cuda_kernels() -> bool:
     return bool(getattr(module, "__cuda__", 0))
 
 
-def _fake_accumulate(dy, h, segments, scale, count, mean, m2) -> None:
+def _fake_accumulate(dy, h, segments, scale, count, mean, m2, sample_sq=None) -> None:
     # Shape-only kernel for FakeTensor, torch.compile and opcheck: the op returns nothing and
-    # updates mean and m2 in place, so there is only metadata to check.
+    # updates mean, m2 (and sample_sq, when given) in place, so there is only metadata to check.
     torch._check(dy.dim() == 2 and h.dim() == 2, lambda: "dy must be (T, d_out) and h (T, r)")
     torch._check(dy.shape[0] == h.shape[0], lambda: "dy and h must have the same number of tokens T")
     torch._check(segments.dim() == 2 and segments.shape[1] == 2, lambda: "segments must have shape (S, 2)")
     shape = (dy.shape[1], h.shape[1])
     torch._check(tuple(mean.shape) == shape and tuple(m2.shape) == shape, lambda: "mean and m2 must be (d_out, r)")
+    if sample_sq is not None:
+        torch._check(sample_sq.dim() == 1 and sample_sq.shape[0] == segments.shape[0],
+                     lambda: "sample_sq must have shape (S,), one entry per segment")
 
 
 def _register_fake() -> None:

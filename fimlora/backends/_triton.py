@@ -37,10 +37,18 @@ def available(device=None) -> tuple[bool, str]:
     return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
 
 
-def accumulate(dy: torch.Tensor, h: torch.Tensor, segments: torch.Tensor, scale: float, state: LayerStats) -> None:
-    """Fold the per-sample gradients of one batch into ``state`` (inputs checked by the dispatcher)."""
+def accumulate(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    segments: torch.Tensor,
+    scale: float,
+    state: LayerStats,
+    sample_sq: torch.Tensor | None = None,
+) -> None:
+    """Fold the per-sample gradients of one batch into ``state``, and write each sample's
+    ||G_n||^2 to ``sample_sq`` (S,) float32 when given (inputs checked by the dispatcher)."""
     # Imported here so that importing fimlora never needs triton.
     from fimlora._kernels.accumulate import accumulate_sample_stats
 
-    accumulate_sample_stats(dy, h, segments, scale, state.count, state.mean, state.m2)
+    accumulate_sample_stats(dy, h, segments, scale, state.count, state.mean, state.m2, sample_sq=sample_sq)
     state.count += segments.shape[0]
