@@ -15,7 +15,7 @@ from typing import Any
 
 from .allocate import allocate
 from .budget import Budget, as_whole
-from .choices import ALPHA_POLICIES, SCORES
+from .choices import ALPHA_POLICIES, IF_UNCERTAIN, SCORES
 
 __all__ = ["ALPHA_POLICIES", "AllocationConfig", "layer_alpha"]
 
@@ -56,6 +56,9 @@ class AllocationConfig:
     temperature: float = 1.0
     alpha_policy: str | None = None
     score: str = "variance"
+    # When the calibration cannot tell the layers apart (fimlora.confidence: flat or unstable map):
+    # "uniform" spends the budget evenly, "allocate" keeps the score-based ranks, "error" raises.
+    if_uncertain: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.budget is not None and not isinstance(self.budget, Budget):
@@ -78,6 +81,9 @@ class AllocationConfig:
                              f"use one of {', '.join(ALPHA_POLICIES)}")
         if self.score not in SCORES:
             raise ValueError(f"AllocationConfig.score={self.score!r} is not known; use one of {', '.join(SCORES)}")
+        if self.if_uncertain not in IF_UNCERTAIN:
+            raise ValueError(f"AllocationConfig.if_uncertain={self.if_uncertain!r} is not known; "
+                             f"use one of {', '.join(IF_UNCERTAIN)}")
 
     def resolved(self, base_rank: int, *, use_rslora: bool = False) -> AllocationConfig:
         """Every default filled in from the base rank r and PEFT's ``use_rslora``. An explicit
@@ -107,6 +113,10 @@ class AllocationConfig:
         ranks = allocate(scores, total, costs=costs, r_min=self.r_min, r_max=self.r_max,
                          multiple_of=self.multiple_of, temperature=self.temperature)
         return ranks, total
+
+    def allocate_uniformly(self, shapes: Sequence[tuple[int, int]]) -> tuple[list[int], int]:
+        """(ranks, budget total) spending the same budget evenly: every layer weighs the same."""
+        return dataclasses.replace(self, temperature=0.0).allocate([1.0] * len(shapes), shapes)
 
     def check(self, shapes: Sequence[tuple[int, int]]) -> None:
         """Raise now, before any calibration work, if these settings cannot succeed on these layers."""
@@ -140,7 +150,7 @@ class AllocationConfig:
     def to_dict(self) -> dict[str, Any]:
         """The plan file's "allocation" section (the budget and alpha policy are written beside it)."""
         return {"r_min": self.r_min, "r_max": self.r_max, "multiple_of": self.multiple_of,
-                "temperature": self.temperature, "score": self.score}
+                "temperature": self.temperature, "score": self.score, "if_uncertain": self.if_uncertain}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, budget: Budget | None, alpha_policy: str | None) -> AllocationConfig:

@@ -25,6 +25,10 @@ logger = logging.getLogger("fimlora")
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 
 
+# (the layers' statistics so far, batches done) -> stop now? (``num_batches="auto"``)
+StopRule = Callable[[list[LayerStats], int], bool]
+
+
 class NonFiniteError(RuntimeError):
     """A loss or gradient statistic became NaN/inf; nothing is allocated from it."""
 
@@ -176,6 +180,7 @@ def calibrate(
     train: bool = False,
     progress: bool = True,
     confidence: bool = True,
+    stop_when: StopRule | None = None,
 ) -> CalibrationResult:
     """Measure the per-sample gradient statistics of a LoRA-B matrix on every target layer.
 
@@ -197,6 +202,8 @@ def calibrate(
         train: run in train mode (dropout on) instead of eval mode.
         confidence: also keep each sample's squared gradient norm per layer (4 bytes per sample
             and layer; ``stats[name].sample_sq_norms()``), what fimlora.confidence resamples.
+        stop_when: ``(states, batches done) -> bool``, checked after every batch: True stops
+            (``fimlora.plan_model(num_batches="auto")`` stops once the rank map is stable).
     """
     _check_settings(granularity, rank, stats_dtype)
     model, task, layers, chosen_backend, batches = prepare_run(
@@ -211,9 +218,9 @@ def calibrate(
     started = time.perf_counter()
     done, samples, tokens = run_probes(
         model, probes, batches, task=task, loss_fn=loss_fn, granularity=granularity, backend=chosen_backend,
-        train=train, progress=progress, total=num_batches,
+        train=train, progress=progress, total=num_batches, stop_when=stop_when,
     )
-    if done < num_batches:
+    if done < num_batches and stop_when is None:
         warnings.warn(f"the data gave only {done} batches of the {num_batches} asked for; calibrated on {done}", stacklevel=2)
     # data parallel: every rank ends with the statistics of all ranks' data
     distributed.all_reduce_stats([probe.state for probe in probes])
@@ -249,9 +256,11 @@ def run_probes(
     progress: bool = True,
     total: int | None = None,
     desc: str = "fimlora calibrate",
+    stop_when: StopRule | None = None,
 ) -> tuple[int, int, int]:
     """Run every batch forward and backward with ``probes`` hooked in; returns (batches, samples,
-    tokens) seen on this rank. The probes' states hold the statistics afterwards."""
+    tokens) seen on this rank. The probes' states hold the statistics afterwards. ``stop_when``
+    (states, batches done) -> True ends the run early (every rank must decide alike)."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("calibration was called inside torch.inference_mode(), where no gradient can flow; "
                            "call it outside that block")
@@ -281,6 +290,8 @@ def run_probes(
             tokens += int((layout.index >= 0).sum())
             bar.update(1)
             bar.set_postfix(samples=samples, tokens=tokens)
+            if stop_when is not None and stop_when([probe.state for probe in probes], done):
+                break
     return done, samples, tokens
 
 

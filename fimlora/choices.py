@@ -11,5 +11,7 @@ SCORES = ("variance", "fisher")  # which LayerStats statistic becomes a layer's 
 GRANULARITIES = ("sample", "batch")  # one gradient per sample (the design) or per batch (the paper's code)
 ALPHA_POLICIES = ("fixed_scale", "fixed_alpha", "rslora")
 QUANTIZATIONS = ("nf4", "fp4", "int8")  # bitsandbytes loads of the base model
+# What to do when the rank map cannot be told from noise (flat scores or an unstable map).
+IF_UNCERTAIN = ("uniform", "allocate", "error")
 
-__all__ = ["ALPHA_POLICIES", "GRANULARITIES", "QUANTIZATIONS", "SCORES", "TASKS"]
+__all__ = ["ALPHA_POLICIES", "GRANULARITIES", "IF_UNCERTAIN", "QUANTIZATIONS", "SCORES", "TASKS"]

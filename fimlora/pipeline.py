@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -24,6 +25,7 @@ from ._io import atomic_directory
 from .adapter import apply_plan, check_task_type
 from .allocation import AllocationConfig, layer_alpha
 from .calibrate import CalibrationResult, calibrate
+from .confidence import MAX_UNSTABLE_SHARE, MapConfidence, of_statistics
 from .data import make_batches
 from .modelinfo import describe_model, model_task, resolved_name_or_path
 from .plan import LayerPlan, RankPlan
@@ -96,6 +98,11 @@ def _build_plan(result: CalibrationResult, allocation: AllocationConfig, *, base
     scores = result.scores(allocation.score)
     _warn_if_scores_cannot_rank(scores, allocation.score, result.settings.samples)
     ranks, total = allocation.allocate([scores[name] for name in names], shapes)
+    confidence = of_statistics(result.stats, names, ranks, lambda s: allocation.allocate(s, shapes)[0],
+                               score=allocation.score, step=allocation.multiple_of, seed=result.settings.seed)
+    decision = None
+    if confidence is not None:
+        ranks, decision = _decide(confidence, allocation, ranks, shapes)
     layers = [
         LayerPlan(
             name=name, d_in=d_in, d_out=d_out, rank=rank,
@@ -106,7 +113,71 @@ def _build_plan(result: CalibrationResult, allocation: AllocationConfig, *, base
     ]
     calibration = {**result.settings.to_dict(), **({"model": model_name} if model_name else {}), **(record or {})}
     return RankPlan(layers=layers, allocation=allocation, budget_total=int(total), base_rank=base_rank,
-                    base_alpha=base_alpha, calibration=calibration, versions=library_versions())
+                    base_alpha=base_alpha, calibration=calibration, versions=library_versions(),
+                    confidence=confidence, decision=decision)
+
+
+class AutoStop:
+    """``num_batches="auto"``: calibrate until the rank map is stable (fimlora.confidence: at most
+    MAX_UNSTABLE_SHARE of the layers with a rank interval wider than one step), from
+    MIN_AUTO_BATCHES on, or until the data or ``max_batches`` runs out. Distributed runs decide on
+    copies of the merged statistics, so every rank stops at the same batch."""
+
+    MIN_AUTO_BATCHES = 2
+    RESAMPLES = 100  # per check; the plan's own intervals use DEFAULT_RESAMPLES
+
+    def __init__(self, allocation: AllocationConfig, shapes: Sequence[tuple[int, int]], *, seed: int) -> None:
+        self.allocation, self.shapes, self.seed = allocation, list(shapes), seed
+        self.trace: list[tuple[int, float]] = []  # (batches, unstable share) at each check
+
+    def __call__(self, states: list, done: int) -> bool:
+        if done < self.MIN_AUTO_BATCHES:
+            return False
+        from . import distributed
+
+        if distributed.is_distributed():
+            states = copy.deepcopy(states)  # merged copies: the real merge happens once, at the end
+            distributed.all_reduce_stats(states)  # (with the per-sample norms gathered)
+        names = [str(i) for i in range(len(states))]
+        scores = [s.score(self.allocation.score) for s in states]
+        allocate = lambda values: self.allocation.allocate(values, self.shapes)[0]  # noqa: E731
+        confidence = of_statistics(dict(zip(names, states, strict=True)), names, allocate(scores), allocate,
+                                   score=self.allocation.score, step=self.allocation.multiple_of, seed=self.seed,
+                                   resamples=self.RESAMPLES)
+        if confidence is None:
+            return False
+        self.trace.append((done, confidence.unstable_share))
+        # two stable checks in a row: one draw of the bootstrap can pass by luck
+        return len(self.trace) >= 2 and all(u <= MAX_UNSTABLE_SHARE for _, u in self.trace[-2:])
+
+    def describe(self, done: int, max_batches: int) -> dict[str, Any]:
+        stable = bool(self.trace) and self.trace[-1][0] == done and self.trace[-1][1] <= MAX_UNSTABLE_SHARE
+        why = ("the rank map was stable" if stable else
+               f"max_batches={max_batches} reached" if done >= max_batches else "the data ran out")
+        return {"rule": f"stop once at most {MAX_UNSTABLE_SHARE:.0%} of layers have a rank interval wider than one "
+                        f"step at two checks in a row (one after every batch from batch {self.MIN_AUTO_BATCHES})",
+                "batches": done, "why": why, "unstable_share_by_batch": [[b, round(u, 4)] for b, u in self.trace]}
+
+
+class UncertainMapError(ValueError):
+    """The calibration cannot tell the layers apart (``AllocationConfig(if_uncertain="error")``)."""
+
+
+def _decide(confidence: MapConfidence, allocation: AllocationConfig, ranks: list[int],
+            shapes: Sequence[tuple[int, int]]) -> tuple[list[int], dict[str, str]]:
+    """Apply the ``if_uncertain`` policy to a flat or unstable map; say plainly what was done."""
+    if confidence.flat or not confidence.stable:
+        reason = confidence.verdict()
+        if allocation.if_uncertain == "error":
+            raise UncertainMapError(f"the rank map is {reason}; calibrate on more data, or pass "
+                                    "if_uncertain='uniform' (--if-uncertain uniform) to write the uniform adapter")
+        if allocation.if_uncertain == "uniform":
+            warnings.warn(f"the rank map is {reason}: writing the uniform adapter at the same budget "
+                          "(--if-uncertain allocate keeps the score-based ranks)", stacklevel=4)
+            return allocation.allocate_uniformly(shapes)[0], {"action": "uniform", "reason": reason}
+        warnings.warn(f"the rank map is {reason}; allocating by score anyway (--if-uncertain allocate)", stacklevel=4)
+        return ranks, {"action": "allocated", "reason": reason}
+    return ranks, {"action": "allocated", "reason": confidence.verdict()}
 
 
 def _targets_of(lora_config, model: nn.Module) -> str | Sequence[str]:
@@ -169,6 +240,7 @@ def plan_model(
     batch_size: int = 8,
     shuffle: bool = True,
     record: Mapping[str, Any] | None = None,
+    max_batches: int = 64,
     **calibrate_kwargs,
 ) -> RankPlan:
     """Calibrate ``model`` on ``data`` and allocate ranks: the plan for ``lora_config``'s targets.
@@ -198,9 +270,18 @@ def plan_model(
     check_task_type(lora_config, task)
     record = {**describe_model(model, task, set(found)), **(record or {})}
     pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    batches = as_batches(data, batch_size=batch_size, num_batches=calibrate_kwargs.get("num_batches", 8),
+    auto = calibrate_kwargs.get("num_batches") == "auto"
+    batches = as_batches(data, batch_size=batch_size,
+                         num_batches=max_batches if auto else calibrate_kwargs.get("num_batches", 8),
                          pad_token_id=pad_token_id, shuffle=shuffle, seed=calibrate_kwargs.get("seed", 0), record=record)
+    if calibrate_kwargs.get("num_batches") == "auto":
+        rule = AutoStop(allocation, shapes, seed=calibrate_kwargs.get("seed", 0))
+        calibrate_kwargs = {**calibrate_kwargs, "num_batches": max_batches, "stop_when": rule, "confidence": True}
+    else:
+        rule = None
     result = calibrate(model, batches, targets=targets, **calibrate_kwargs)
+    if rule is not None:
+        record = {**record, "stop": rule.describe(result.settings.num_batches, max_batches)}
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     return _build_plan(result, allocation, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha,
                        model_name=model_name, record=record)

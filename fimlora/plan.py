@@ -8,6 +8,8 @@ Format history (``_MIGRATIONS`` upgrades older files on load):
   1  the allocation settings (r_min, r_max, multiple_of, temperature, score) sat in
      "calibration"; the compiled backend was recorded as "cuda".
   2  they have their own "allocation" section; the compiled backend is "compiled".
+  3  "confidence": the bootstrap intervals and stability of the map (null when not measured),
+     and "allocation.if_uncertain" (format-2 plans were allocated whatever the uncertainty).
 """
 
 from __future__ import annotations
@@ -27,18 +29,19 @@ from typing import Any, NoReturn
 from ._io import atomic_write_bytes, atomic_write_text
 from .allocation import AllocationConfig
 from .budget import BUDGET_KINDS, Budget
-from .choices import ALPHA_POLICIES, SCORES
+from .confidence import MapConfidence
+from .choices import ALPHA_POLICIES, IF_UNCERTAIN, SCORES
 
 __all__ = ["PLAN_FORMAT_VERSION", "LayerPlan", "PlanError", "RankPlan", "split_block_and_type"]
 
-PLAN_FORMAT_VERSION = 2
+PLAN_FORMAT_VERSION = 3
 
 # Key order here is the order written to disk: summary first, the long layer list last.
 _PLAN_KEYS = ("format_version", "alpha_policy", "base_rank", "base_alpha", "budget", "allocation",
-              "calibration", "versions", "layers")
+              "calibration", "versions", "confidence", "layers")
 _LAYER_KEYS = ("name", "d_in", "d_out", "rank", "alpha", "score", "stats")
 _BUDGET_KEYS = ("kind", "value", "total")  # files also carry "used", derived from the layers when written
-_ALLOCATION_KEYS = ("r_min", "r_max", "multiple_of", "temperature", "score")
+_ALLOCATION_KEYS = ("r_min", "r_max", "multiple_of", "temperature", "score", "if_uncertain")
 _INDEX = re.compile(r"[0-9]+")
 
 
@@ -75,6 +78,10 @@ class RankPlan:
     base_alpha: float
     calibration: dict[str, Any] = field(default_factory=dict)  # how the scores were measured (free-form record)
     versions: dict[str, Any] = field(default_factory=dict)  # library versions (fimlora, torch, transformers, ...)
+    # How sure the map is (bootstrap over calibration samples) and what was done about it: None
+    # when not measured. ``decision``: "allocated" or "uniform", and the one-line reason.
+    confidence: MapConfidence | None = None
+    decision: dict[str, str] | None = None
     format_version: int = PLAN_FORMAT_VERSION
 
     @property
@@ -115,6 +122,7 @@ class RankPlan:
             "budget": {**self.budget.to_dict(), "total": self.budget_total, "used": self.budget_used},
             "allocation": self.allocation.to_dict(),
             "calibration": _sorted(self.calibration), "versions": _sorted(self.versions),
+            "confidence": None if self.confidence is None else {**self.confidence.to_dict(), **(self.decision or {})},
         }
         layers = [{**dataclasses.asdict(lp), "stats": _sorted(lp.stats)} for lp in self.layers]
         return copy.deepcopy({**top, "layers": layers})
@@ -163,9 +171,12 @@ class RankPlan:
         Past ``max_rows`` layers, the first and last rows frame a ``... N more ...`` line."""
         if max_rows is not None and max_rows < 0:
             raise ValueError(f"max_rows must be >= 0, got {max_rows}")
-        header = ("layer", "shape", "rank", "alpha", "score", "params")
+        intervals = self.confidence.layers if self.confidence is not None else None
+        # The intervals are those of the score-based ranks, also when the policy wrote uniform ranks.
+        header = ("layer", "shape", "rank", "alpha", "score", "params") + (("rank interval",) if intervals else ())
         rows: list[tuple[str, ...] | None] = [
             (lp.name, f"{lp.d_out} x {lp.d_in}", str(lp.rank), f"{lp.alpha:g}", f"{lp.score:.2e}", f"{lp.params:,}")
+            + ((f"{intervals[lp.name].rank_lo}-{intervals[lp.name].rank_hi}",) if intervals else ())
             for lp in self.layers
         ]
         hidden = len(rows) - max_rows if max_rows is not None and len(rows) > max_rows else 0
@@ -185,6 +196,12 @@ class RankPlan:
         spread = f"{min(ranks)}/{sum(ranks) / len(ranks):.2f}/{max(ranks)}" if ranks else "-"
         lines += ["", f"{len(ranks)} layers ({ranks.count(0)} at rank 0) | ranks min/mean/max {spread} | "
                       f"{self._budget_summary()}"]
+        if self.confidence is not None:
+            c = self.confidence
+            lines.append(f"confidence ({c.level:.0%} intervals, {c.resamples} bootstrap draws of {c.samples} samples): "
+                         f"{c.verdict()}")
+        if self.decision and self.decision.get("action") == "uniform":
+            lines.append(f"ranks are uniform: {self.decision['reason']}")
         return "\n".join(lines)
 
     def _budget_summary(self) -> str:
@@ -204,10 +221,11 @@ class RankPlan:
         from matplotlib.figure import Figure
 
         row_labels, col_labels, grid = _heatmap_grid(self.layers)
+        panels = 2 if self.confidence is not None else 1
         # A bare Figure on an Agg canvas: no pyplot global state, no GUI backend needed.
-        fig = Figure(figsize=(min(3.0 + 0.8 * len(col_labels), 40.0), min(2.0 + 0.32 * len(row_labels), 40.0)))
+        fig = Figure(figsize=(min(3.0 + 0.8 * len(col_labels), 40.0) * panels, min(2.0 + 0.32 * len(row_labels), 40.0)))
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
+        ax = fig.add_subplot(1, panels, 1)
         # Grey (masked NaN) marks block/module combinations that do not exist in the model.
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
         norm = Normalize(vmin=0, vmax=max([1, *(lp.rank for lp in self.layers)]))
@@ -228,10 +246,38 @@ class RankPlan:
             kind, value = self.budget.kind, self.budget.value
             title = f"LoRA ranks{f': {model}' if model else ''}\nbudget {kind}={value} | {self._budget_summary()}"
         ax.set_title(title, fontsize=9)
+        if self.confidence is not None:
+            _draw_interval_panel(self, fig.add_subplot(1, 2, 2), matplotlib, np, Normalize)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         return atomic_write_bytes(path, buf.getvalue())  # a viewer never sees half a PNG
+
+
+def _interval_layers(plan: RankPlan) -> list[LayerPlan]:
+    """The layers with their rank-interval width (hi - lo) standing in for the rank."""
+    widths = {n: iv.rank_hi - iv.rank_lo for n, iv in plan.confidence.layers.items()}
+    return [dataclasses.replace(lp, rank=widths[lp.name]) for lp in plan.layers]
+
+
+def _draw_interval_panel(plan: RankPlan, ax, matplotlib, np, normalize) -> None:
+    """Second heatmap panel: how wide each layer's rank interval is (0: the rank is certain)."""
+    row_labels, col_labels, grid = _heatmap_grid(_interval_layers(plan))
+    cmap = matplotlib.colormaps["magma_r"].with_extremes(bad="lightgrey")
+    values = np.array(grid)
+    norm = normalize(vmin=0, vmax=max(1.0, float(np.nanmax(values))))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
+    for (i, j), value in np.ndenumerate(values):
+        if not math.isnan(value):
+            ax.text(j, i, str(int(value)), ha="center", va="center", fontsize=7,
+                    color="white" if norm(value) > 0.6 else "black")
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    ax.set_xlabel("module type")
+    ax.figure.colorbar(image, ax=ax, label="rank interval width")
+    c = plan.confidence
+    ax.set_title(f"{c.level:.0%} rank intervals ({c.resamples} bootstrap draws of {c.samples} samples)\n"
+                 f"{c.verdict().split(':')[0]}: {c.unstable_share:.0%} of layers wider than one step", fontsize=9)
 
 
 def split_block_and_type(name: str) -> tuple[int | None, str]:
@@ -374,11 +420,28 @@ class _Parser:
             base_alpha=float(self.number(d["base_alpha"], "base_alpha")),
             calibration=copy.deepcopy(self.obj(d["calibration"], "calibration")),
             versions=copy.deepcopy(self.obj(d["versions"], "versions")),
+            **self.confidence(d["confidence"], layers),
         )
         if plan.budget_used > total:
             self.fail("layers", f"spend {plan.budget_used} of the budget, over budget.total ({total})",
                       "lower some ranks or regenerate the plan")
         return plan
+
+    def confidence(self, section: Any, layers: list[LayerPlan]) -> dict[str, Any]:
+        if section is None:
+            return {"confidence": None, "decision": None}
+        section = copy.deepcopy(self.obj(section, "confidence"))
+        decision = {k: section.pop(k) for k in ("action", "reason") if k in section}
+        if decision.get("action", "allocated") not in ("allocated", "uniform"):
+            self.fail("confidence.action", f"is {decision['action']!r}", "use 'allocated' or 'uniform'")
+        try:
+            confidence = MapConfidence.from_dict(section)
+        except (TypeError, KeyError, ValueError) as exc:
+            self.fail("confidence", f"is malformed ({exc})")
+        missing = [lp.name for lp in layers if lp.name not in confidence.layers]
+        if missing:
+            self.fail("confidence.layers", f"has no interval for {missing[0]!r}", "regenerate the plan")
+        return {"confidence": confidence, "decision": decision or None}
 
     def allocation(self, section: Any, budget: dict[str, Any], alpha_policy: Any) -> AllocationConfig:
         self.obj(section, "allocation", _ALLOCATION_KEYS)
@@ -394,6 +457,7 @@ class _Parser:
             "multiple_of": self.integer(section["multiple_of"], "allocation.multiple_of", 1),
             "temperature": self.number(section["temperature"], "allocation.temperature"),
             "score": self.choice(section["score"], "allocation.score", SCORES),
+            "if_uncertain": self.choice(section["if_uncertain"], "allocation.if_uncertain", IF_UNCERTAIN),
         }
         policy = self.choice(alpha_policy, "alpha_policy", ALPHA_POLICIES)
         try:
@@ -431,11 +495,24 @@ def _from_v1(d: Any) -> Any:
     if isinstance(base_rank, int) and not isinstance(base_rank, bool) and base_rank >= 1:
         # A version-1 file without these keys was made by hand or by other code: the library defaults.
         defaults = AllocationConfig().resolved(base_rank).to_dict()
+        defaults.pop("if_uncertain")  # a format-3 setting: _from_v2 records how these plans were made
         moved = {**defaults, **moved}
     d["allocation"] = moved
     d["format_version"] = 2
     return d
 
 
+def _from_v2(d: Any) -> Any:
+    """Format 2 -> 3: no confidence was measured, and the ranks were allocated whatever it was."""
+    if not isinstance(d, dict):
+        return d
+    d = copy.deepcopy(d)
+    d.setdefault("confidence", None)
+    if isinstance(d.get("allocation"), dict):
+        d["allocation"].setdefault("if_uncertain", "allocate")
+    d["format_version"] = 3
+    return d
+
+
 # format version -> the function that upgrades a dict of that version to the next one
-_MIGRATIONS = {1: _from_v1}
+_MIGRATIONS = {1: _from_v1, 2: _from_v2}

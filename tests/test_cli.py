@@ -150,7 +150,7 @@ def _no_model_loaded(monkeypatch):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--num-batches", "0"], "argument --num-batches: must be a positive integer, got '0'"),
+        (["--num-batches", "0"], "argument --num-batches: must be a positive integer or 'auto', got '0'"),
         (["--batch-size", "-1"], "argument --batch-size: must be a positive integer, got '-1'"),
         (["--rank", "0"], "argument --rank: must be a positive integer, got '0'"),
         (["--alpha", "-8"], "argument --alpha: must be a finite number > 0"),
@@ -238,14 +238,14 @@ def test_show_imports_no_transformers(tmp_path):
 
 def test_parser_choices_come_from_the_library():
     from fimlora.backends import BACKENDS
-    from fimlora.choices import ALPHA_POLICIES, GRANULARITIES, QUANTIZATIONS, SCORES, TASKS
+    from fimlora.choices import ALPHA_POLICIES, GRANULARITIES, IF_UNCERTAIN, QUANTIZATIONS, SCORES, TASKS
     from fimlora.cli.parser import build_parser
 
     calibrate = build_parser()._subparsers._group_actions[0].choices["calibrate"]
     choices = {a.dest: tuple(a.choices) for a in calibrate._actions if a.choices}
     assert choices == {"task": ("auto", *TASKS), "dtype": ("float32", "bfloat16", "float16"), "quantize": QUANTIZATIONS,
                        "alpha_policy": ALPHA_POLICIES, "score": SCORES, "granularity": GRANULARITIES,
-                       "backend": BACKENDS}
+                       "backend": BACKENDS, "if_uncertain": IF_UNCERTAIN}
 
 
 def test_unreadable_plan(tmp_path, capsys):

@@ -131,7 +131,8 @@ def _layer_override(i: int, **kv: Any) -> dict[str, Any]:
         (plan_dict(alpha_policy="sqrt"), r"alpha_policy must be one of fixed_scale, fixed_alpha, rslora"),
         (plan_dict(allocation={"r_min": 4, "r_max": 16, "multiple_of": 1, "temperature": 1.0}),
          r"allocation\.score is missing"),
-        (plan_dict(allocation={"r_min": 9, "r_max": 4, "multiple_of": 1, "temperature": 1.0, "score": "variance"}),
+        (plan_dict(allocation={"r_min": 9, "r_max": 4, "multiple_of": 1, "temperature": 1.0, "score": "variance",
+                               "if_uncertain": "uniform"}),
          r"allocation is inconsistent \(AllocationConfig.r_min=9 is above r_max=4"),
         (plan_dict(budget={"kind": "rank", "value": 2.5, "total": 10 ** 9}), r"budget\.value is invalid .*whole number"),
         (plan_dict(layers=[]), r"layers is empty"),
@@ -403,10 +404,11 @@ def test_a_format_1_plan_loads_migrated() -> None:
     raw = json.loads(FORMAT_1.read_text())
     assert raw["format_version"] == 1 and raw["calibration"]["backend"] == "cuda"
     plan = RankPlan.load(FORMAT_1)
-    assert plan.format_version == PLAN_FORMAT_VERSION == 2
+    assert plan.format_version == PLAN_FORMAT_VERSION == 3
     # the allocation settings leave the calibration record for the typed allocation
     assert plan.allocation == AllocationConfig(budget=Budget.mean_rank(8), r_min=4, r_max=16, multiple_of=1,
-                                               temperature=1.0, alpha_policy="fixed_scale", score="variance")
+                                               temperature=1.0, alpha_policy="fixed_scale", score="variance",
+                                               if_uncertain="allocate")  # format-1 plans were allocated
     assert not {"r_min", "r_max", "multiple_of", "temperature", "score"} & set(plan.calibration)
     assert plan.calibration["backend"] == "compiled"  # the compiled backend's new name
     assert plan.budget_total == raw["budget"]["total"] and plan.budget_used == raw["budget"]["used"]
@@ -420,7 +422,7 @@ def test_a_format_1_plan_loads_migrated() -> None:
 def test_a_migrated_plan_saves_in_the_current_format(tmp_path: Path) -> None:
     plan = RankPlan.load(FORMAT_1)
     saved = json.loads(plan.save(tmp_path / "plan.json").read_text())
-    assert saved["format_version"] == 2 and saved["allocation"]["r_min"] == 4
+    assert saved["format_version"] == 3 and saved["allocation"]["r_min"] == 4
     assert RankPlan.load(tmp_path / "plan.json") == plan
 
 

@@ -22,6 +22,10 @@ from fimlora import AllocationConfig, PlanCallback, PlanMismatchError, RankPlan,
 from fimlora.integrations import PLAN_FILE
 from fimlora.targets import is_lora_layer
 
+# Calibrations this small cannot support a rank map (fimlora.confidence): these tests need the
+# score-based ranks, so they ask for them instead of the default uniform fallback.
+ALLOCATE = AllocationConfig(if_uncertain="allocate")
+
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 STEPS, SAVE_EVERY = 12, 6
@@ -103,7 +107,7 @@ def test_trainer_trains_a_calibrated_sequence_classifier(tmp_path):
     model = tiny_bert(num_labels=3)
     base = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="SEQ_CLS",
                       modules_to_save=["classifier"])
-    peft_model = fimlora.get_peft_model(model, batches, base, progress=False, num_batches=4)
+    peft_model = fimlora.get_peft_model(model, batches, base, progress=False, num_batches=4, allocation=ALLOCATE)
     plan = peft_model.fimlora_plan
     assert _ranks(peft_model) == {n: r for n, r in plan.ranks.items() if r > 0}
     assert len(set(plan.ranks.values())) > 1, "the plan should not be uniform"
@@ -153,7 +157,7 @@ def test_sft_trainer_takes_the_calibrated_lora_config(tmp_path):
     batches = batches_of([(ids, None) for ids in encoded], 8)
     model = tiny_llama(initializer_range=0.2)  # the default 0.02 gives near-uniform logits that LoRA barely moves
     base = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
-    config = lora_config(model, batches, base, progress=False, num_batches=4)
+    config = lora_config(model, batches, base, progress=False, num_batches=4, allocation=ALLOCATE)
     plan = config.fimlora_plan
     assert not any(is_lora_layer(m) for m in model.modules()), "lora_config must leave the model unwrapped"
     loss_before = _mean_loss(model, batches)
@@ -177,7 +181,7 @@ def test_sft_trainer_takes_the_calibrated_lora_config(tmp_path):
 def test_save_pretrained_writes_the_adapter_and_its_plan(tmp_path):
     batches = batches_of(random_samples(16), 8)
     base = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
-    peft_model = fimlora.get_peft_model(tiny_llama(), batches, base, progress=False, num_batches=2)
+    peft_model = fimlora.get_peft_model(tiny_llama(), batches, base, progress=False, num_batches=2, allocation=ALLOCATE)
     plan = peft_model.fimlora_plan
 
     out = save_pretrained(peft_model, tmp_path / "adapter")

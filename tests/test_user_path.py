@@ -107,8 +107,9 @@ def test_load_adapter_refuses_the_wrong_base_class(bert_dir, tmp_path):
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     out = tmp_path / "run"
+    # --if-uncertain allocate: 8 samples cannot support a map, but this test needs non-uniform ranks
     assert main(["calibrate", "--model", str(bert_dir), "--data", str(_scores(tmp_path)), "--label-column", "score",
-                 "--out", str(out), *FAST]) == 0
+                 "--out", str(out), "--if-uncertain", "allocate", *FAST]) == 0
     plan = RankPlan.load(out / "fimlora_plan.json")
     assert plan.calibration["model_class"] == "BertForSequenceClassification"
     assert plan.calibration["auto_class"] == "AutoModelForSequenceClassification"

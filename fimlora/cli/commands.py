@@ -34,7 +34,7 @@ def run_calibrate(args) -> int:
 
     allocation = AllocationConfig(budget=args.budget, r_min=args.r_min, r_max=args.r_max,
                                   multiple_of=args.multiple_of, temperature=args.temperature,
-                                  alpha_policy=args.alpha_policy, score=args.score)
+                                  alpha_policy=args.alpha_policy, score=args.score, if_uncertain=args.if_uncertain)
     allocation.resolved(args.rank)  # r_min/r_max defaults against the explicit other one
     check_quantization(args.quantize)
     created = check_out(args.out, args.overwrite)
@@ -64,7 +64,8 @@ def _calibrate(args, allocation) -> int:
     model_dir = args.model or _default_model_dir()
     task, config = resolve_task(model_dir, args.task)  # the config alone: no data or weights read yet
     columns = data_columns(args, task)
-    wanted = args.num_batches * args.batch_size * distributed.world_size()
+    most = args.max_batches if args.num_batches == "auto" else args.num_batches
+    wanted = most * args.batch_size * distributed.world_size()
     if args.data:
         examples = fdata.read_examples(args.data, text_column=columns.get("text"),
                                        text_pair_column=columns.get("text_pair"),
@@ -114,13 +115,13 @@ def _calibrate(args, allocation) -> int:
         print(calibrating_on(args.data, columns, rows, tokens, task, model.config, args.max_length), file=sys.stderr)
     features = launch.shard(features)  # this rank's share, no overlap between ranks
     batches = fdata.make_batches(features, batch_size=args.batch_size, pad_token_id=fdata.pad_token_id_for(tokenizer),
-                                 num_batches=args.num_batches)
+                                 num_batches=most)
     lora_config = LoraConfig(task_type=PEFT_TASK_TYPES[task], r=args.rank, lora_alpha=args.alpha or args.rank,
                              lora_dropout=args.lora_dropout, target_modules=args.targets)
     record = {"model": args.model or "all-MiniLM-L6-v2 (embedded)", "data": args.data or "built-in sentiment sentences",
               "columns": columns, "rows": rows, **({"quantize": args.quantize} if args.quantize else {})}
     plan = plan_model(model, batches, lora_config, allocation=allocation, record=record, task=task,
-                      num_batches=args.num_batches, rank=args.calib_rank, seed=args.seed,
+                      num_batches=args.num_batches, max_batches=args.max_batches, rank=args.calib_rank, seed=args.seed,
                       granularity=args.granularity, backend=args.backend, progress=not args.quiet)
     if distributed.rank() != 0:
         return 0  # every rank holds the same plan; one writes it
@@ -128,6 +129,8 @@ def _calibrate(args, allocation) -> int:
     if not args.quiet:
         print(plan.table(max_rows=args.max_rows))
     record = plan.calibration
+    if "stop" in record:
+        print(f"--num-batches auto stopped after {record['stop']['batches']} batches: {record['stop']['why']}")
     print(f"calibrated {len(plan.layers)} layers on {record['samples']} samples / {record['tokens']} tokens "
           f"({record['num_batches']} batches) in {time.perf_counter() - started:.1f} s; wrote {args.out}/"
           f"{{{', '.join(written)}}}")

