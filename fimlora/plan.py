@@ -29,8 +29,8 @@ from typing import Any, NoReturn
 from ._io import atomic_write_bytes, atomic_write_text
 from .allocation import AllocationConfig
 from .budget import BUDGET_KINDS, Budget
-from .confidence import MapConfidence
 from .choices import ALPHA_POLICIES, IF_UNCERTAIN, SCORES
+from .confidence import MapConfidence
 
 __all__ = ["PLAN_FORMAT_VERSION", "LayerPlan", "PlanError", "RankPlan", "split_block_and_type"]
 
