@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-import itertools
-
-import numpy as np
 
 from fimlora.allocate import _proportional_floor, allocate, min_budget
 from fimlora.budget import Budget
