@@ -34,6 +34,7 @@ SCRIPTS = {
     "tune_triton.py": ("tune_triton_smoke.csv", {"default"}),  # under TRITON_INTERPRET=1
     "memory_at_scale.py": ("memory_at_scale_smoke.csv", set()),
     "confidence_overhead.py": ("confidence_overhead_smoke.csv", set()),
+    "confidence_stops.py": ("confidence_stops_smoke.csv", set()),
 }
 
 
