@@ -129,8 +129,11 @@ class AutoStop:
     def __init__(self, allocation: AllocationConfig, shapes: Sequence[tuple[int, int]], *, seed: int) -> None:
         self.allocation, self.shapes, self.seed = allocation, list(shapes), seed
         self.trace: list[tuple[int, float]] = []  # (batches, unstable share) at each check
+        self.seen = 0  # batches this rank has run
+        self.stopped = False
 
     def __call__(self, states: list, done: int) -> bool:
+        self.seen = done
         if done < self.MIN_AUTO_BATCHES:
             return False
         from . import distributed
@@ -148,11 +151,13 @@ class AutoStop:
             return False
         self.trace.append((done, confidence.unstable_share))
         # two stable checks in a row: one draw of the bootstrap can pass by luck
-        return len(self.trace) >= 2 and all(u <= MAX_UNSTABLE_SHARE for _, u in self.trace[-2:])
+        self.stopped = len(self.trace) >= 2 and all(u <= MAX_UNSTABLE_SHARE for _, u in self.trace[-2:])
+        return self.stopped
 
-    def describe(self, done: int, max_batches: int) -> dict[str, Any]:
-        stable = bool(self.trace) and self.trace[-1][0] == done and self.trace[-1][1] <= MAX_UNSTABLE_SHARE
-        why = ("the rank map was stable" if stable else
+    def describe(self, max_batches: int) -> dict[str, Any]:
+        """Where and why this rank stopped (every rank alike: the decision is made on merged statistics)."""
+        done = self.seen
+        why = ("the rank map was stable" if self.stopped else
                f"max_batches={max_batches} reached" if done >= max_batches else "the data ran out")
         return {"rule": f"stop once at most {MAX_UNSTABLE_SHARE:.0%} of layers have a rank interval wider than one "
                         f"step at two checks in a row (one after every batch from batch {self.MIN_AUTO_BATCHES})",
@@ -281,7 +286,7 @@ def plan_model(
         rule = None
     result = calibrate(model, batches, targets=targets, **calibrate_kwargs)
     if rule is not None:
-        record = {**record, "stop": rule.describe(result.settings.num_batches, max_batches)}
+        record = {**record, "stop": rule.describe(max_batches)}
     model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
     return _build_plan(result, allocation, base_rank=lora_config.r, base_alpha=lora_config.lora_alpha,
                        model_name=model_name, record=record)

@@ -54,6 +54,17 @@ def gather_variable_lengths(rank: int) -> list[torch.Tensor]:
     return [s._kept_sample_sq().clone() for s in states[:-1]]
 
 
+def auto_stop(rank: int) -> dict:
+    """num_batches="auto" with different data on each rank: the ranks must stop together, on the
+    merged statistics, and write the same plan."""
+    from peft import LoraConfig
+
+    samples = random_samples(96, seed=5)[rank::2]
+    plan = fimlora.plan_model(tiny_llama(), batches_of(samples, 4), LoraConfig(r=4, target_modules="all-linear"),
+                              num_batches="auto", max_batches=12, progress=False)
+    return {"stop": plan.calibration["stop"], "ranks": plan.ranks, "samples": plan.calibration["samples"]}
+
+
 def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
     """Every case in one process group (one spawn: starting processes is the slow part)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -68,5 +79,6 @@ def run(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out = {"stats": stats, "sample_sq": sample_sq, "ranks": plan.ranks, "settings": result.settings.to_dict()}
             torch.save(out, f"{out_dir}/{case}-{wrapper}-{rank}.pt")
         torch.save(gather_variable_lengths(rank), f"{out_dir}/gather-{rank}.pt")
+        torch.save(auto_stop(rank), f"{out_dir}/auto-{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -22,6 +22,7 @@ def rank_outputs(tmp_path_factory):
         for case in CASES
     }
     outputs["gather"] = [torch.load(directory / f"gather-{rank}.pt") for rank in range(2)]
+    outputs["auto"] = [torch.load(directory / f"auto-{rank}.pt", weights_only=False) for rank in range(2)]
     return outputs
 
 
@@ -67,3 +68,11 @@ def test_mpi_launch_without_accelerate_names_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install accelerate"):
         launch.init_from_environment()
     assert not torch.distributed.is_initialized()
+
+
+def test_auto_stop_is_decided_together(rank_outputs):
+    first, second = rank_outputs["auto"]
+    print(f"auto stop with 2 ranks: {first['stop']['batches']} batches each ({first['stop']['why']}), "
+          f"{first['samples']} samples in all")
+    assert first["stop"] == second["stop"] and first["ranks"] == second["ranks"]
+    assert first["samples"] == 2 * 4 * first["stop"]["batches"]  # both ranks ran the same batches
