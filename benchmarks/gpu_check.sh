@@ -8,6 +8,7 @@
 #              memory against a full-model Fisher, 8 batches of 8 x 2048 (benchmarks/calibration_at_scale.py)
 #   op         the op's GB/s per backend against copy bandwidth (benchmarks/op_throughput.py)
 #   tune       the Triton kernel's tiles and sample splits (benchmarks/tune_triton.py)
+#   confidence calibration with per-sample norms on vs off (benchmarks/confidence_overhead.py)
 # Logs and CSVs go to $OUT/run/ (default OUT=benchmarks/results/gpu); with GPU_CHECK_PACK=1 they
 # are packed into the one file $OUT/gpu_check.tgz instead. BUDGET_S (default 520) caps the whole run.
 #
@@ -54,6 +55,8 @@ step op 90 $PY benchmarks/op_throughput.py --device cuda --repeats 10 --out op_t
 cp benchmarks/results/op_throughput_gpu.csv "$RUN/" 2>/dev/null
 step tune 120 $PY benchmarks/tune_triton.py
 cp benchmarks/results/tune_triton_gpu.csv "$RUN/" 2>/dev/null
+step confidence 90 $PY benchmarks/confidence_overhead.py --device cuda
+cp benchmarks/results/confidence_overhead_cuda.csv "$RUN/" 2>/dev/null
 # Registers and spills of the CUDA kernel, as compiled for this GPU.
 so=$(ls fimlora/_C*.so 2>/dev/null | head -1)
 [ -n "$so" ] && cuobjdump --dump-resource-usage "$so" > "$RUN/cuda_resource_usage.txt" 2>&1
