@@ -95,3 +95,14 @@ def test_confidence_round_trips_through_a_dict():
 def test_memory_is_one_scalar_per_sample_and_layer():
     # LLaMA-3-8B: 32 blocks x 7 linears; 8 batches of 8 sequences
     assert memory_bytes(224, 64) == 224 * 64 * 4
+
+
+@pytest.mark.parametrize("df", [3, 11, 36, 223])
+def test_chi2_tail_matches_scipy_where_the_flatness_test_decides(df):
+    from scipy.stats import chi2
+
+    from fimlora.confidence import chi2_sf
+
+    for p in (0.2, 0.05, 0.01):
+        q = chi2.isf(p, df)
+        assert chi2_sf(q, df) == pytest.approx(p, abs=0.006 if df < 10 else 0.003)
