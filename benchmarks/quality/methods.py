@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fimlora import AllocationConfig, Budget, LayerPlan, RankPlan, allocate, apply_plan, calibrate
+from fimlora import AllocationConfig, Budget, LayerPlan, RankPlan, allocate, apply_plan, plan_model
 from fimlora.data import make_batches
 from fimlora.plan import split_block_and_type
 from fimlora.targets import find_targets, layer_shape, plan_name
@@ -96,12 +96,18 @@ def build_model(model: nn.Module, ranks: dict[str, int], shapes: dict[str, tuple
 
 def calibration_scores(model: nn.Module, features: list[dict], *, seed: int, pad_token_id: int,
                        batch_size: int) -> dict[str, float]:
-    """Per-element mean variance of the LoRA-B gradient per layer (the library's default score)."""
+    """Per-element mean variance of the LoRA-B gradient per layer (the library's default score),
+    through the library's one orchestrator, ``fimlora.plan_model``."""
+    from peft import LoraConfig
+
     batches = make_batches(features, batch_size=batch_size, pad_token_id=pad_token_id, shuffle=True, seed=seed,
                            num_batches=CALIB_BATCHES)
-    result = calibrate(model, batches, targets=TARGETS, task="seq-cls", num_batches=CALIB_BATCHES, seed=seed,
-                       progress=False)
-    return result.scores("variance")
+    # The study allocates every method itself (allocate_map), so the plan's own uncertainty policy
+    # must not replace the scores' ranks: only the scores are read here.
+    plan = plan_model(model, batches, LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)),
+                      allocation=AllocationConfig(if_uncertain="allocate"), task="seq-cls",
+                      num_batches=CALIB_BATCHES, seed=seed, progress=False)
+    return {layer.name: layer.score for layer in plan.layers}
 
 
 def warmed_scores(model: nn.Module, features: list[dict], *, seed: int, pad_token_id: int,
