@@ -57,6 +57,23 @@ def test_mde_is_the_effect_detected_with_80_percent_power():
     assert power == pytest.approx(0.8, abs=0.02)
 
 
+def test_power_and_seeds_needed_match_a_simulated_paired_t_test():
+    # Independent reference: simulate paired differences and count how often the t test rejects.
+    rng = random.Random(5)
+    effect, sd = 0.5, 0.54
+    n = analysis.seeds_needed(effect, sd)
+    def simulated_power(pairs, trials=3000):
+        hits = 0
+        for _ in range(trials):
+            d = [rng.gauss(effect, sd) for _ in range(pairs)]
+            hits += analysis.t_interval(d)[4] < 0.05
+        return hits / trials
+    for pairs in (n - 1, n, 2 * n):
+        assert analysis.paired_power(effect, sd, pairs) == pytest.approx(simulated_power(pairs), abs=0.03)
+    assert analysis.paired_power(effect, sd, n - 1) < 0.8 <= analysis.paired_power(effect, sd, n)
+    assert analysis.seeds_needed(effect, 0.0) is None
+
+
 def test_bootstrap_interval_contains_the_observed_difference_and_shrinks_with_more_examples():
     rng = random.Random(2)
     def pair(n):

@@ -59,6 +59,25 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float = 0.05, power: flo
     return (sps.t.ppf(1 - alpha / 2, df) + sps.t.ppf(power, df)) * sd / math.sqrt(n)
 
 
+def paired_power(effect: float, sd: float, n: int, alpha: float = 0.05) -> float:
+    """Exact power of a two-sided paired t test of n pairs for a true mean difference ``effect``."""
+    if n < 2 or not sd > 0:
+        return math.nan
+    df, shift = n - 1, effect / (sd / math.sqrt(n))
+    crit = sps.t.ppf(1 - alpha / 2, df)
+    return float(sps.nct.sf(crit, df, shift) + sps.nct.cdf(-crit, df, shift))
+
+
+def seeds_needed(effect: float, sd: float, alpha: float = 0.05, power: float = 0.8, most: int = 1000) -> int | None:
+    """Fewest pairs whose paired t test detects ``effect`` with ``power`` (None past ``most``)."""
+    if not (math.isfinite(sd) and sd > 0):
+        return None
+    for n in range(2, most + 1):
+        if paired_power(effect, sd, n, alpha) >= power:
+            return n
+    return None
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm-Bonferroni adjusted p-values (nan stays nan and does not count)."""
     finite = sorted((p, i) for i, p in enumerate(pvalues) if math.isfinite(p))

@@ -14,7 +14,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from analysis import Paired, compare, correct, paired_bootstrap  # noqa: E402
+from analysis import Paired, compare, correct, minimum_detectable_effect, paired_bootstrap, seeds_needed  # noqa: E402
 from methods import BUDGETS  # noqa: E402
 from run import DATA_DIR, RESULTS  # noqa: E402
 from tasks import glue_tasks, load_task, task_score  # noqa: E402
@@ -135,6 +135,62 @@ def clamp_share(grid: Grid, budget: str) -> list[str]:
     return lines
 
 
+def power_table(grid: Grid, budget: str, method: str = "fim-variance") -> list[str]:
+    """Paired sd of ``method`` minus uniform per task, the effect this design can see, the seeds a smaller one needs."""
+    lines = ["| task | pairs | uniform sd over seeds | paired sd | MDE now (80% power, alpha 0.05) |"
+             " seeds for 0.5 points | seeds for 1 point |", "|---|---|---|---|---|---|---|"]
+    pooled: list[float] = []
+    for task in [*grid.tasks, "pooled"]:
+        if task == "pooled":
+            diffs, uniform = pooled, []
+        else:
+            pairs = grid.pairs(task, method, budget)
+            diffs = [float(a["score"]) - float(b["score"]) for a, b in pairs]
+            uniform = [float(r["score"]) for r in grid.rows if (r["task"], r["method"], r["budget"]) == (task, "uniform", budget)]
+            pooled += diffs
+        if len(diffs) < 2:
+            continue
+        sd = compare(task, diffs).sd
+        u_sd = compare(task, uniform).sd if len(uniform) > 1 else math.nan
+        if sd > 0:
+            need = [str(seeds_needed(effect, sd) or "> 1000") for effect in (0.5, 1.0)]
+        else:  # identical differences in every pair: no estimate of the noise yet
+            need = ["n/a", "n/a"]
+        lines.append(f"| {task} | {len(diffs)} | {fmt(u_sd)} | {fmt(sd)} | "
+                     f"{fmt(minimum_detectable_effect(sd, len(diffs)))} | " + " | ".join(need) + " |")
+    return lines
+
+
+def map_agreement(grid: Grid, budget: str) -> list[str]:
+    """Spearman correlation of rank maps (36 layers): how much of fim-variance's map is the task, the seed, the prior."""
+    from scipy.stats import spearmanr
+
+    def ranks(task: str, method: str, seed: int) -> list[int] | None:
+        row = grid.by.get((task, method, budget, seed))
+        return [int(x) for x in row["ranks"].split()] if row else None
+
+    runs = [(t, s) for (t, m, b, s) in grid.by if (m, b) == ("fim-variance", budget)]
+    pairs: dict[str, list[float]] = {"fim-variance, another seed (same task)": [],
+                                     "fim-variance, another task (same seed)": [],
+                                     "prior (same task and seed)": [], "fim-warm (same task and seed)": []}
+    for i, (t, s) in enumerate(runs):
+        mine = ranks(t, "fim-variance", s)
+        for t2, s2 in runs[i + 1:]:
+            key = "fim-variance, another seed (same task)" if t2 == t else (
+                "fim-variance, another task (same seed)" if s2 == s else None)
+            if key:
+                pairs[key].append(spearmanr(mine, ranks(t2, "fim-variance", s2))[0])
+        for method in ("prior", "fim-warm"):
+            other = ranks(t, method, s)
+            if other:
+                pairs[f"{method} (same task and seed)"].append(spearmanr(mine, other)[0])
+    lines = ["| fim-variance's map against | map pairs | Spearman (mean, min-max) |", "|---|---|---|"]
+    for label, rhos in pairs.items():
+        if rhos:
+            lines.append(f"| {label} | {len(rhos)} | {sum(rhos) / len(rhos):.2f} ({min(rhos):.2f} to {max(rhos):.2f}) |")
+    return lines
+
+
 def plot(rows_by_budget: dict[str, list[Paired]], path: Path) -> None:
     import matplotlib
 
@@ -208,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
                 out += ["", f"## Dev sets, budget {budget}: method minus uniform, paired by seed (points)", ""]
                 lines, pooled[budget] = paired_table(dev, budget, others, gold, metric, args.bootstrap)
                 out += lines
+            if "fim-variance" in others:
+                out += ["", f"## Dev sets, budget {budget}: power (fim-variance minus uniform)", ""]
+                out += power_table(dev, budget)
+                out += ["", f"## Dev sets, budget {budget}: how alike the rank maps are", ""]
+                out += map_agreement(dev, budget)
             out += ["", f"fim-variance's ranks at the clamps [{BUDGETS[budget].r_min}, {BUDGETS[budget].r_max}]:", ""]
             out += clamp_share(dev, budget)
         total = sum(float(r["seconds"]) for r in dev.rows)
