@@ -376,7 +376,7 @@ def test_plot_non_block_names_and_collisions(tmp_path: Path) -> None:
 
 
 def test_heatmap_grid_layout() -> None:
-    from fimlora.plan import _heatmap_grid
+    from fimlora.plan_render import _heatmap_grid
 
     names = ["model.layers.1.q", "model.layers.0.q", "model.layers.0.k", "lm_head"]
     rows, cols, grid = _heatmap_grid(make_plan(names=names, ranks=[1, 2, 3, 4]).layers)
