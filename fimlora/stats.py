@@ -15,6 +15,8 @@ k equal batches fill it exactly when k is a power of two, e.g. the default 8).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -111,16 +113,25 @@ class LayerStats:
     def add_sample_sq_(self, values: torch.Tensor) -> None:
         """Append squared norms (one per gradient folded in by other means than the op)."""
         values = values.detach().flatten()
-        self._reserve_sample_sq(values.numel()).copy_(values)
-        self._commit_sample_sq(values.numel())
+        with self.sample_sq_slots(values.numel()) as slots:
+            slots.copy_(values)
 
     def set_sample_sq_(self, values: torch.Tensor) -> None:
         """Replace every kept squared norm with ``values`` (the distributed gather does this)."""
         values = values.detach().flatten().to(self.mean.device, torch.float32)
         self._sample_buffer, self._samples = values.clone(), values.numel()
 
+    @contextlib.contextmanager
+    def sample_sq_slots(self, n: int) -> Iterator[torch.Tensor]:
+        """The next ``n`` free slots, float32 (n,) contiguous, for an op to write squared norms into.
+
+        They count as kept only when the block exits without an exception: a failed op adds no
+        half-written norms."""
+        slots = self._reserve_sample_sq(n)
+        yield slots
+        self._samples += n
+
     def _reserve_sample_sq(self, n: int) -> torch.Tensor:
-        """The next ``n`` free slots, float32 (n,) contiguous, for the op to write into."""
         needed = self._samples + n
         capacity = 0 if self._sample_buffer is None else self._sample_buffer.numel()
         if n == 0:
@@ -137,9 +148,6 @@ class LayerStats:
         if self._sample_buffer is None:
             return self.mean.new_zeros(0, dtype=torch.float32)
         return self._sample_buffer[: self._samples]
-
-    def _commit_sample_sq(self, n: int) -> None:
-        self._samples += n
 
     def _check_tracked(self) -> None:
         if not self.track_samples:

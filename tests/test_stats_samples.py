@@ -47,6 +47,19 @@ def test_buffer_grows_keeps_order_and_reports_its_bytes():
     assert state.nbytes() == 2 * 16 * 4 + 64 * 4, "a gathered set is held at its exact size"
 
 
+def test_slots_count_only_when_the_op_that_fills_them_succeeds():
+    state = LayerStats.zeros(3, 2, track_samples=True)
+    state.add_sample_sq_(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="op failed"), state.sample_sq_slots(3) as slots:
+        slots.fill_(9.0)
+        raise ValueError("op failed")
+    assert state.num_sample_norms == 2
+    with state.sample_sq_slots(1) as slots:
+        slots.fill_(5.0)
+    state.count = 3
+    assert torch.equal(state.sample_sq(), torch.tensor([1.0, 2.0, 5.0])), "the failed op's values are overwritten"
+
+
 def test_accessors_refuse_what_they_cannot_give():
     plain = LayerStats.zeros(3, 2)
     with pytest.raises(RuntimeError, match="confidence=True"):

@@ -228,6 +228,5 @@ def accumulate(
     if not state.track_samples:
         module.accumulate(dy, h, segments, scale, state)
         return
-    n = segments.shape[0]
-    module.accumulate(dy, h, segments, scale, state, sample_sq=state._reserve_sample_sq(n))
-    state._commit_sample_sq(n)  # only once the op has written them
+    with state.sample_sq_slots(segments.shape[0]) as sample_sq:
+        module.accumulate(dy, h, segments, scale, state, sample_sq=sample_sq)
