@@ -169,3 +169,24 @@ def test_smoke_run_resumes_and_reports(tmp_path, shared_dir, minilm_dir):
     report.main(["--results", str(smoke), "--data-dir", str(shared_dir / "data"), "--bootstrap", "20"])
     tables = (tmp_path / "tables.md").read_text()
     assert "fim-warm" in tables and "pooled" in tables
+    assert "seeds for 0.5 points" in tables and "another task (same seed)" in tables
+
+
+def test_map_agreement_is_spearman_of_the_rank_maps():
+    import report
+    from scipy.stats import spearmanr
+
+    rng = random.Random(3)
+    base = [rng.randint(4, 16) for _ in range(36)]
+    noisy = [r + rng.choice((-1, 0, 1)) for r in base]
+    def row(task, method, seed, ranks):
+        return {"split": "dev", "bf16": "True", "task": task, "method": method, "budget": "r8", "seed": str(seed),
+                "ranks": " ".join(map(str, ranks)), "score": "80"}
+    rows = [row("sst2", "fim-variance", 0, base), row("sst2", "fim-variance", 1, noisy),
+            row("sst2", "prior", 0, base[::-1]), row("cola", "fim-variance", 0, noisy)]
+    table = "\n".join(report.map_agreement(report.Grid(rows, "dev"), "r8"))
+    seed_rho = spearmanr(base, noisy)[0]
+    assert f"| fim-variance, another seed (same task) | 1 | {seed_rho:.2f} " in table
+    assert f"| fim-variance, another task (same seed) | 1 | {seed_rho:.2f} " in table
+    assert f"| prior (same task and seed) | 1 | {spearmanr(base, base[::-1])[0]:.2f} " in table
+    assert "fim-warm" not in table

@@ -191,6 +191,19 @@ def map_agreement(grid: Grid, budget: str) -> list[str]:
     return lines
 
 
+def headline(grid: Grid, budget: str, rows: list[Paired]) -> list[str]:
+    """The answer in numbers, one line per comparison, so prose elsewhere can quote it verbatim."""
+    methods = {r["method"] for r in grid.rows if r["budget"] == budget}
+    complete = set.intersection(*(set(grid.seeds(t, m, budget)) for t in grid.tasks for m in methods))
+    lines = [f"Budget {budget}: {sum(r['budget'] == budget for r in grid.rows)} dev rows; seeds complete on every "
+             f"task and method: {', '.join(map(str, sorted(complete))) or 'none'}."]
+    for r in rows:
+        lines.append(f"- {r.label} minus uniform, pooled: {fmt(r.mean, sign=True)} points, t 95% CI "
+                     f"[{fmt(r.lo, sign=True)}, {fmt(r.hi, sign=True)}], bootstrap [{fmt(r.boot_lo, sign=True)}, "
+                     f"{fmt(r.boot_hi, sign=True)}], n = {r.n}, Holm p {fmt(r.p_holm, 3)}, MDE {fmt(r.mde)}")
+    return lines
+
+
 def plot(rows_by_budget: dict[str, list[Paired]], path: Path) -> None:
     import matplotlib
 
@@ -263,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             if others:
                 out += ["", f"## Dev sets, budget {budget}: method minus uniform, paired by seed (points)", ""]
                 lines, pooled[budget] = paired_table(dev, budget, others, gold, metric, args.bootstrap)
-                out += lines
+                out += lines + [""] + headline(dev, budget, pooled[budget])
             if "fim-variance" in others:
                 out += ["", f"## Dev sets, budget {budget}: power (fim-variance minus uniform)", ""]
                 out += power_table(dev, budget)
