@@ -204,28 +204,45 @@ def headline(grid: Grid, budget: str, rows: list[Paired]) -> list[str]:
     return lines
 
 
-def plot(rows_by_budget: dict[str, list[Paired]], path: Path) -> None:
+def plot(grid: Grid, rows_by_budget: dict[str, list[Paired]], metric: dict[str, str], path: Path) -> None:
+    """Forest plot: one panel per task and one pooled, a row per (method, budget); each seed's difference
+    as a tick, the mean as a dot, the t interval over seeds and (pooled) the paired bootstrap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = [(f"{r.label} ({b})", r) for b, rows in rows_by_budget.items() for r in rows if r.n >= 2]
+    items = [(budget, r) for budget, rows in rows_by_budget.items() for r in rows if r.n >= 1]
     if not items:
         return
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.2))
-    for y, (_, r) in enumerate(items):
-        ax.plot([r.lo, r.hi], [y, y], color="tab:blue", lw=2, label="t 95% CI (seeds)" if y == 0 else None)
-        if math.isfinite(r.boot_lo):
-            ax.plot([r.boot_lo, r.boot_hi], [y + 0.18, y + 0.18], color="tab:orange", lw=2,
-                    label="bootstrap 95% CI (seeds x dev examples)" if y == 0 else None)
-        ax.plot([r.mean], [y], "o", color="black")
-    ax.axvline(0, color="grey", lw=1)
-    ax.set_yticks(range(len(items)), [label for label, _ in items])
-    ax.set_xlabel("score minus uniform LoRA, points (pooled over tasks x seeds; dev sets)")
-    ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    panels = [*grid.tasks, "pooled"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.9 * len(panels), 0.5 * len(items) + 1.8), sharey=True,
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        for y, (budget, row) in enumerate(items):
+            if panel == "pooled":
+                c = row
+            else:
+                c = compare(row.label, [float(a["score"]) - float(b["score"]) for a, b in grid.pairs(panel, row.label, budget)])
+            if not c.n:
+                continue
+            ax.plot(c.diffs, [y] * c.n, "|", color="grey", ms=9, label="one seed" if y == 0 else None)
+            if math.isfinite(c.lo):
+                ax.plot([c.lo, c.hi], [y, y], color="tab:blue", lw=2, label="t 95% CI over seeds" if y == 0 else None)
+            if panel == "pooled" and math.isfinite(row.boot_lo):
+                ax.plot([row.boot_lo, row.boot_hi], [y + 0.2, y + 0.2], color="tab:orange", lw=2,
+                        label="bootstrap 95% CI (seeds x dev examples)" if y == 0 else None)
+            ax.plot([c.mean], [y], "o", color="black", ms=5)
+        ax.axvline(0, color="grey", lw=1)
+        unit = "points" if panel == "pooled" else metric.get(panel, "")
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel(f"minus uniform ({unit})", fontsize=8)
+    axes[0][0].set_yticks(range(len(items)), [f"{r.label} ({b})" for b, r in items])
+    axes[0][0].invert_yaxis()
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.suptitle("method minus uniform LoRA at the same parameter count, GLUE dev sets", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=3, fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -289,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(out) + "\n"
     target = Path(args.results).parent
     (target / "tables.md").write_text(text)
-    plot(pooled, target / "paired_differences.png")
+    plot(dev, pooled, metric, target / "paired_differences.png")
     print(text)
 
 

@@ -27,7 +27,7 @@ DATA_DIR = HERE.parents[2] / "shared" / "data"
 STUDY_VERSION = "2"
 
 
-def _parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         recipes = {t: replace(r, batch_size=4) for t, r in recipes.items()}
     results = ResultsFile(Path(args.results) if not args.smoke else Path(args.results).with_name("smoke_runs.csv"))
     study = Study(table, smoke=args.smoke)
-    todo = cells(args.split, tasks, args.methods.split(","), args.budgets.split(","), _parse_seeds(args.seeds), recipes)
+    todo = cells(args.split, tasks, args.methods.split(","), args.budgets.split(","), parse_seeds(args.seeds), recipes)
     done = results.done()
     todo = [c for c in todo if c.key() not in done]
     print(f"{results.path}: {len(todo)} runs to do", flush=True)
