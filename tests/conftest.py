@@ -38,3 +38,11 @@ def minilm_dir() -> str:
 def shared_dir() -> Path:
     require(SHARED.is_dir(), f"{SHARED} (the shared data and models folder) is not present")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir):
+    """The tokenizer of the embedded all-MiniLM-L6-v2."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
