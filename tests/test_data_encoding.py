@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +17,6 @@ from fimlora.data import (
     pad_token_id_for,
 )
 from fimlora.modelio import _num_labels
-
-
-def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
-    path.write_bytes(text.encode(encoding))
-    return path
-
-
 
 # ---------------------------------------------------------------- encoding
 
