@@ -190,3 +190,20 @@ def test_map_agreement_is_spearman_of_the_rank_maps():
     assert f"| fim-variance, another task (same seed) | 1 | {seed_rho:.2f} " in table
     assert f"| prior (same task and seed) | 1 | {spearmanr(base, base[::-1])[0]:.2f} " in table
     assert "fim-warm" not in table
+
+
+def test_verdict_table_counts_each_tasks_verdicts_and_actions(tmp_path):
+    import report
+
+    path = tmp_path / "verdicts.csv"
+    fields = ("task", "seed", "num_batches", "batches_used", "samples", "verdict", "unstable_share",
+              "expected_rank_change", "flat_p", "action", "seconds")
+    rows = [("sst2", 0, "auto", 3, 96, "stable", 0.1, 0.2, 0, "allocated", 1),
+            ("sst2", 1, "auto", 5, 160, "unstable", 0.3, 0.4, 0, "uniform", 1)]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(fields)
+        writer.writerows(rows)
+    table = report.verdict_table(path)
+    assert table[2] == "| sst2 | auto | 2 | 3-5 | stable 1, unstable 1 | allocated 1, uniform 1 | 20%, 30% | 0.30 |"
+    assert report.verdict_table(tmp_path / "absent.csv") == []

@@ -191,6 +191,26 @@ def map_agreement(grid: Grid, budget: str) -> list[str]:
     return lines
 
 
+def verdict_table(path: Path) -> list[str]:
+    """What fimlora's defaults decide on the study's calibrations (verdicts.py), per task and batch count."""
+    if not path.exists():
+        return []
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in read_rows(path):
+        groups.setdefault((row["task"], row["num_batches"]), []).append(row)
+    lines = ["| task | num_batches | seeds | batches read | verdicts | action | layers wider than one step "
+             "(mean, max) | expected rank change per layer (mean) |", "|---|---|---|---|---|---|---|---|"]
+    for (task, batches), rows in groups.items():
+        share = [float(r["unstable_share"]) for r in rows]
+        change = [float(r["expected_rank_change"]) for r in rows]
+        verdicts = ", ".join(f"{v} {sum(r['verdict'] == v for r in rows)}" for v in sorted({r["verdict"] for r in rows}))
+        actions = ", ".join(f"{a} {sum(r['action'] == a for r in rows)}" for a in sorted({r["action"] for r in rows}))
+        used = sorted(int(r["batches_used"]) for r in rows)
+        lines.append(f"| {task} | {batches} | {len(rows)} | {used[0]}-{used[-1]} | {verdicts} | {actions} | "
+                     f"{sum(share) / len(share):.0%}, {max(share):.0%} | {sum(change) / len(change):.2f} |")
+    return lines
+
+
 def headline(grid: Grid, budget: str, rows: list[Paired]) -> list[str]:
     """The answer in numbers, one line per comparison, so prose elsewhere can quote it verbatim."""
     methods = {r["method"] for r in grid.rows if r["budget"] == budget}
@@ -301,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
                 out += map_agreement(dev, budget)
             out += ["", f"fim-variance's ranks at the clamps [{BUDGETS[budget].r_min}, {BUDGETS[budget].r_max}]:", ""]
             out += clamp_share(dev, budget)
+        verdicts = verdict_table(Path(args.results).parent / "verdicts.csv")
+        if verdicts:
+            out += ["", "## What fimlora's defaults decide on these calibrations (`verdicts.py`)", ""] + verdicts
         total = sum(float(r["seconds"]) for r in dev.rows)
         out += ["", f"Dev runs: {len(dev.rows)}, {total / 3600:.1f} h of single-thread wall time in all."]
     text = "\n".join(out) + "\n"
