@@ -132,6 +132,7 @@ class LayerStats:
         self._samples += n
 
     def _reserve_sample_sq(self, n: int) -> torch.Tensor:
+        """The next ``n`` free slots, growing the buffer by doubling (amortised O(1) per norm)."""
         needed = self._samples + n
         capacity = 0 if self._sample_buffer is None else self._sample_buffer.numel()
         if n == 0:

@@ -192,6 +192,20 @@ def test_map_agreement_is_spearman_of_the_rank_maps():
     assert "fim-warm" not in table
 
 
+def test_verdicts_smoke_writes_one_row_per_task_seed_and_batch_count(tmp_path, shared_dir, minilm_dir):
+    import verdicts
+
+    out = tmp_path / "verdicts.csv"
+    verdicts.main(["--tasks", "sst2", "--seeds", "0", "--smoke", "--out", str(out),
+                   "--data-dir", str(shared_dir / "data")])
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["num_batches"], r["batches_used"]) for r in rows][0] == ("2", "2")
+    assert rows[1]["num_batches"] == "auto" and 2 <= int(rows[1]["batches_used"]) <= 3
+    assert {r["verdict"] for r in rows} <= {"stable", "unstable", "flat"}
+    assert all(int(r["samples"]) == 32 * int(r["batches_used"]) for r in rows)
+
+
 def test_verdict_table_counts_each_tasks_verdicts_and_actions(tmp_path):
     import report
 

@@ -94,19 +94,27 @@ def build_model(model: nn.Module, ranks: dict[str, int], shapes: dict[str, tuple
 
 # ---- calibration maps ---------------------------------------------------------------------------
 
-def calibration_scores(model: nn.Module, features: list[dict], *, seed: int, pad_token_id: int,
-                       batch_size: int) -> dict[str, float]:
-    """Per-element mean variance of the LoRA-B gradient per layer (the library's default score),
-    through the library's one orchestrator, ``fimlora.plan_model``."""
+def calibration_plan(model: nn.Module, features: list[dict], *, seed: int, pad_token_id: int, batch_size: int,
+                     allocation: AllocationConfig, num_batches: int | str = CALIB_BATCHES,
+                     max_batches: int = 64) -> RankPlan:
+    """The study's calibration (seeded batches of the fit split, fresh head) through the library's
+    one orchestrator, ``fimlora.plan_model``; ``num_batches="auto"`` reads at most ``max_batches``."""
     from peft import LoraConfig
 
     batches = make_batches(features, batch_size=batch_size, pad_token_id=pad_token_id, shuffle=True, seed=seed,
-                           num_batches=CALIB_BATCHES)
+                           num_batches=max_batches if num_batches == "auto" else num_batches)
+    return plan_model(model, batches, LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)),
+                      allocation=allocation, task="seq-cls", num_batches=num_batches, max_batches=max_batches,
+                      seed=seed, progress=False)
+
+
+def calibration_scores(model: nn.Module, features: list[dict], *, seed: int, pad_token_id: int,
+                       batch_size: int) -> dict[str, float]:
+    """Per-element mean variance of the LoRA-B gradient per layer (the library's default score)."""
     # The study allocates every method itself (allocate_map), so the plan's own uncertainty policy
     # must not replace the scores' ranks: only the scores are read here.
-    plan = plan_model(model, batches, LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)),
-                      allocation=AllocationConfig(if_uncertain="allocate"), task="seq-cls",
-                      num_batches=CALIB_BATCHES, seed=seed, progress=False)
+    plan = calibration_plan(model, features, seed=seed, pad_token_id=pad_token_id, batch_size=batch_size,
+                            allocation=AllocationConfig(if_uncertain="allocate"))
     return {layer.name: layer.score for layer in plan.layers}
 
 
