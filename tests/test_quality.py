@@ -166,10 +166,32 @@ def test_smoke_run_resumes_and_reports(tmp_path, shared_dir, minilm_dir):
     run.main(args)  # resume: nothing left to do
     with smoke.open() as handle:
         assert len(list(csv.DictReader(handle))) == 12
-    report.main(["--results", str(smoke), "--data-dir", str(shared_dir / "data"), "--bootstrap", "20"])
+    readme = tmp_path / "README.md"
+    readme.write_text("# Study\n\n<!-- report.py: val -->\n<!-- /report.py -->\n\n<!-- report.py: dev -->\nold\n"
+                      "<!-- /report.py -->\n")
+    report.main(["--results", str(smoke), "--data-dir", str(shared_dir / "data"), "--bootstrap", "20",
+                 "--readme", str(readme)])
     tables = (tmp_path / "tables.md").read_text()
     assert "fim-warm" in tables and "pooled" in tables
     assert "seeds for 0.5 points" in tables and "another task (same seed)" in tables
+    filled = readme.read_text()
+    assert "old" not in filled and "### Dev sets, budget r8: power (fim-variance minus uniform)" in filled
+    # the README's dev block is tables.md's dev part, headings one level down
+    dev_part = tables[tables.index("## Dev sets"):].strip()
+    block = filled[filled.index("<!-- report.py: dev -->\n") + 24:filled.index("\n<!-- /report.py -->", filled.index("dev -->"))]
+    assert block == "\n".join("#" + ln if ln.startswith("#") else ln for ln in dev_part.splitlines())
+
+
+def test_fill_readme_rewrites_only_its_blocks_and_names_a_missing_one(tmp_path):
+    import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- report.py: dev -->\nstale 1.23\n<!-- /report.py -->\noutro\n")
+    report.fill_readme(readme, {"dev": ["## Scores", "", "| a |"]})
+    assert readme.read_text() == "intro\n<!-- report.py: dev -->\n### Scores\n\n| a |\n<!-- /report.py -->\noutro\n"
+    with pytest.raises(SystemExit, match=r"missing \['val'\]"):
+        report.fill_readme(readme, {"dev": ["x"], "val": ["y"]})
+    assert "### Scores" in readme.read_text()  # a refused rewrite leaves the file as it was
 
 
 def test_map_agreement_is_spearman_of_the_rank_maps():

@@ -1,6 +1,7 @@
 """Tables and a plot from results/quality/runs.csv (any subset of the grid; incomplete pairs are left out).
 
     python benchmarks/quality/report.py            # writes results/quality/tables.md and paired_differences.png
+    python benchmarks/quality/report.py --readme benchmarks/quality/README.md   # and the README's tables
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -267,12 +269,38 @@ def plot(grid: Grid, rows_by_budget: dict[str, list[Paired]], metric: dict[str, 
     plt.close(fig)
 
 
+README_BLOCK = re.compile(r"(<!-- report\.py: (\w+) -->\n).*?(<!-- /report\.py -->)", re.S)
+
+
+def fill_readme(path: Path, sections: dict[str, list[str]]) -> None:
+    """Replace each ``<!-- report.py: NAME -->`` ... ``<!-- /report.py -->`` block of a README with section NAME
+    of tables.md (headings one level down), so that the README's tables are exactly what this script printed."""
+    text = path.read_text()
+    found = {m.group(2) for m in README_BLOCK.finditer(text)}
+    missing = sorted(set(sections) - found)
+    unknown = sorted(found - set(sections))
+    if missing or unknown:
+        raise SystemExit(f"report.py: {path} needs exactly one block per section {sorted(sections)}: missing {missing}, "
+                         f"unknown {unknown}; mark each with <!-- report.py: NAME --> ... <!-- /report.py -->")
+
+    def body(match: re.Match) -> str:
+        lines = ["#" + line if line.startswith("#") else line for line in sections[match.group(2)]]
+        return match.group(1) + "\n".join(lines).strip("\n") + "\n" + match.group(3)
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(README_BLOCK.sub(body, text))
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=str(RESULTS / "runs.csv"))
     p.add_argument("--data-dir", default=str(DATA_DIR))
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples (0: skip the bootstrap)")
+    p.add_argument("--readme", type=Path, help="also rewrite this README's <!-- report.py: val|dev --> blocks")
     args = p.parse_args(argv)
+    if args.readme and not args.readme.is_file():
+        p.error(f"--readme {args.readme}: no such file; pass the study's README (benchmarks/quality/README.md)")
     rows = read_rows(Path(args.results))
     metric = {name: spec.metric for name, spec in glue_tasks(args.data_dir).items()}
     out: list[str] = []
@@ -299,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
             out += score_table(val, "r8", ["uniform", *scoring]) + [""]
             out += paired_table(val, "r8", scoring, gold, metric, args.bootstrap)[0]
 
+    sections = {"val": out}
+    out = sections["dev"] = []
     dev = Grid(rows, "dev")
     pooled: dict[str, list[Paired]] = {}
     if dev.rows:
@@ -326,10 +356,12 @@ def main(argv: list[str] | None = None) -> None:
             out += ["", "## What fimlora's defaults decide on these calibrations (`verdicts.py`)", ""] + verdicts
         total = sum(float(r["seconds"]) for r in dev.rows)
         out += ["", f"Dev runs: {len(dev.rows)}, {total / 3600:.1f} h of single-thread wall time in all."]
-    text = "\n".join(out) + "\n"
+    text = "\n".join(sections["val"] + sections["dev"]).strip("\n") + "\n"
     target = Path(args.results).parent
     (target / "tables.md").write_text(text)
     plot(dev, pooled, metric, target / "paired_differences.png")
+    if args.readme:
+        fill_readme(args.readme, sections)
     print(text)
 
 
