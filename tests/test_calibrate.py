@@ -81,8 +81,11 @@ def test_one_batch_equals_batches_of_one():
     for name, stats in together.stats.items():
         other = apart.stats[name]
         assert stats.count == other.count == 6
-        torch.testing.assert_close(stats.mean, other.mean, rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(stats.variance(), other.variance(), rtol=1e-4, atol=1e-12)
+        # float32 with another batch shape sums in another order: the error scales with the layer's
+        # largest entries, so entries near zero get an absolute tolerance taken from the largest
+        torch.testing.assert_close(stats.mean, other.mean, rtol=1e-5, atol=1e-5 * stats.mean.abs().max().item())
+        torch.testing.assert_close(stats.variance(), other.variance(), rtol=1e-4,
+                                   atol=1e-4 * stats.variance().abs().max().item())
 
 
 def test_batch_granularity_matches_oracle_batch_gradients():
@@ -214,8 +217,10 @@ def test_packed_row_equals_padded_batch():
     assert packed.settings.samples == 5
     for name, stats in padded.stats.items():
         assert packed.stats[name].count == stats.count == 5
-        torch.testing.assert_close(packed.stats[name].mean, stats.mean, rtol=1e-4, atol=1e-9)
-        torch.testing.assert_close(packed.stats[name].m2, stats.m2, rtol=1e-4, atol=1e-12)
+        # float32, summed in another order: tolerance near zero from the layer's largest entry
+        torch.testing.assert_close(packed.stats[name].mean, stats.mean, rtol=1e-4,
+                                   atol=1e-5 * stats.mean.abs().max().item())
+        torch.testing.assert_close(packed.stats[name].m2, stats.m2, rtol=1e-4, atol=1e-5 * stats.m2.abs().max().item())
 
 
 def test_packed_rows_need_a_causal_lm():
